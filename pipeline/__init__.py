@@ -1,0 +1,1 @@
+"""Iteration loop, lag scheduling, Slurm rendering and reports (installed as roll.pipeline)."""

@@ -1,0 +1,180 @@
+"""The `roll` command line. Each command parses options into a stage's frozen config and calls its `run`.
+
+Heavy libraries (torch, transformers, duckdb) are imported inside the commands, so `roll --help` is quick.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from roll.errors import RollError
+
+
+class RollGroup(click.Group):
+    """Turns a RollError into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RollError as exc:
+            click.echo(f"roll: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+# -------------------------------------------------------------------------- option groups, defined once
+def run_option(f):
+    return click.option("--run", "run_path", type=click.Path(path_type=Path), default=None,
+                        help="Run directory. [default: $ROLL_RUN, else ./runs/default; created from the "
+                             "embedded default if missing]")(f)
+
+
+def shard_option(f):
+    return click.option("--shard", default="0/1", show_default=True,
+                        help="This process's part i/N of the version's prompts (a Slurm array task).")(f)
+
+
+def seed_option(f):
+    return click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")(f)
+
+
+def version_option(f):
+    return click.option("--version", "version", type=int, default=None,
+                        help="Policy version to use. [default: the latest committed]")(f)
+
+
+def print_summary(summary: dict) -> None:
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@click.group(cls=RollGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="roll", prog_name="roll", message="%(prog)s %(version)s")
+def cli():
+    """roll: RL for language-model reasoning from off-policy (stale, lagged) data.
+
+    Stages exchange Parquet shards in a run directory; every rollout row records the policy version that
+    made it. With no arguments everything runs offline on a built-in arithmetic task and a tiny model.
+
+    \b
+    Example:
+      roll generate && roll sql "select policy_version, count(*) from rollouts group by 1"
+    """
+
+
+@cli.command()
+@run_option
+@click.option("--task", default="arith", help="Built-in task name, or a .jsonl/.parquet file with prompt and answer columns.")
+@click.option("--model", default=None, help="Checkpoint directory (or hub id) of a causal LM. [default: the embedded model]")
+@seed_option
+def init(run_path, task, model, seed):
+    """Create a run: the prompts table, policy v0000 and run.toml.
+
+    \b
+    Example:
+      roll init --run runs/exp1 --task arith
+    """
+    from roll.runs import InitConfig, default_run_path, init_run
+
+    print_summary(init_run(InitConfig(run=run_path or default_run_path(), task=task, model=model, seed=seed)))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to save the checkpoint. [default: the package's data/default_model]")
+@seed_option
+@click.option("--steps", default=3000, help="Most supervised steps to take.")
+@click.option("--batch-size", default=64, help="Solved examples per step.")
+@click.option("--lr", default=1e-3, help="AdamW learning rate.")
+@click.option("--eval-every", default=100, help="Measure sampled pass@1 every this many steps.")
+@click.option("--eval-prompts", default=200, help="Test prompts per measurement (one sample each, T=1).")
+@click.option("--target-accuracy", default=0.2, help="Stop once sampled pass@1 reaches this (a deliberately weak policy).")
+def warmstart(out, seed, steps, batch_size, lr, eval_every, eval_prompts, target_accuracy):
+    """Train the embedded default model by supervised learning on solved arith problems.
+
+    Stops at a deliberately weak policy so RL has room to improve it.
+
+    \b
+    Example:
+      roll warmstart --seed 0 --target-accuracy 0.2
+    """
+    from roll.warmstart import WarmstartConfig, run as run_warmstart
+
+    config = WarmstartConfig(out=out, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+                             eval_every=eval_every, eval_prompts=eval_prompts, target_accuracy=target_accuracy)
+    summary = run_warmstart(config)
+    summary.pop("losses")  # one number per step: in the returned dict for Python callers, not printed
+    print_summary(summary)
+
+
+@cli.command()
+@run_option
+@version_option
+@click.option("--prompts", default=64, help="Train prompts drawn for this version (across all shards).")
+@click.option("--group-size", default=8, help="Completions per prompt (G).")
+@click.option("--max-new-tokens", default=48, help="Completion length limit.")
+@click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off).")
+@seed_option
+@shard_option
+@click.option("--batch-size", default=256, help="Sequences per forward pass.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", help="Generation engine.")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Regenerate a shard that is already committed.")
+def generate(run_path, version, prompts, group_size, max_new_tokens, temperature, top_p, seed, shard,
+             batch_size, backend, device, force):
+    """Sample G completions per prompt from a policy version into rollouts/version=V/.
+
+    A committed shard is skipped unless --force.
+
+    \b
+    Example:
+      roll generate --prompts 64 --group-size 8 --shard 0/2
+    """
+    from roll.runs import ensure_run
+    from roll.stages.generate import GenerateConfig, run as run_generate
+    from roll.store import Shard
+
+    parsed = Shard.parse(shard)  # refuse a bad --shard before creating anything
+    config = GenerateConfig(run=ensure_run(run_path).root, version=version, prompts=prompts,
+                            group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed, shard=parsed, batch_size=batch_size, backend=backend,
+                            device=device, force=force)
+    print_summary(run_generate(config))
+
+
+@cli.command()
+@click.argument("query")
+@run_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", help="Output format.")
+def sql(query, run_path, fmt):
+    """Run a read-only SQL QUERY over the run's tables with DuckDB.
+
+    Views: prompts, rollouts, verdicts, scores, samples (their join), steps, groups, evals.
+
+    \b
+    Example:
+      roll sql "select policy_version, count(*), avg(num_tokens) from rollouts group by 1"
+    """
+    from roll.runs import default_run_path
+    from roll.sql import print_result
+    from roll.store import Run, query as run_query
+
+    run = Run(run_path or default_run_path())
+    if not run.exists():
+        raise RollError(f"{run.root}: no run here (create one with `roll init` or `roll generate`)")
+    print_result(run_query(run, query), fmt)
+
+
+def main():
+    try:
+        cli(prog_name="roll")
+    except RollError as exc:  # raised outside a command (while parsing)
+        click.echo(f"roll: error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

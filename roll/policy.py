@@ -1,0 +1,108 @@
+"""Policies: the embedded default's tokenizer and tiny model, and loading/saving of checkpoint directories.
+
+A checkpoint is a plain `save_pretrained` directory plus `policy.json` (parent version, objective,
+hyper-parameters, data versions). `policy.json` is written last and the directory is renamed into place,
+so a version either exists whole or not at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from roll.errors import RollError
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Characters of the arith task plus lower-case letters, so ordinary words still tokenize; "answer:" is one
+# token because every solved completion ends with it.
+CHARACTERS = "0123456789+-*=()Q: \n" + "abcdefghijklmnopqrstuvwxyz"
+
+
+def build_default_tokenizer():
+    """A character-level tokenizer (tokenizers library) wrapped as a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ("answer:",) + tuple(dict.fromkeys(CHARACTERS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"answer:|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", model_max_length=128,
+    )
+
+
+def build_default_model(tokenizer, d_model: int = 192, layers: int = 4, heads: int = 4, seed: int = 0):
+    """A GPT-2-style causal LM with random init (d=192, 4 layers: about 1.8 M parameters)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=d_model, n_layer=layers, n_head=heads,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def check_model_path(model: str | Path) -> None:
+    """Refuse a model that is neither a local checkpoint directory nor a plausible hub id."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RollError(f"model path {path}: no config.json (not a transformers checkpoint directory)")
+        return
+    looks_like_hub_id = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise RollError(f"model path {model} does not exist")
+
+
+def load_policy(path: str | Path, device: str = "cpu"):
+    """Load (model, tokenizer) from a checkpoint directory (or hub id), in float32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise RollError(f"model {path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
+    """Commit a checkpoint directory atomically: write beside it, then rename into place."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "policy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def read_policy_meta(directory: Path) -> dict:
+    return json.loads((Path(directory) / "policy.json").read_text())
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,107 @@
+"""Creating runs: `roll init`, and the automatic creation a stage does when pointed at a missing run."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from roll import __version__
+from roll.errors import RollError
+from roll.store import Run, write_table
+
+DEFAULT_RUN = Path("runs") / "default"
+
+
+def default_run_path() -> Path:
+    """`$ROLL_RUN`, else ./runs/default."""
+    return Path(os.environ.get("ROLL_RUN") or DEFAULT_RUN)
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    run: Path
+    task: str = "arith"  # a built-in task name or a .jsonl/.parquet file of prompts and answers
+    model: str | None = None  # checkpoint directory or hub id; None means the embedded default model
+    seed: int = 0  # seed of the built-in task's train/test generator
+
+
+def default_model_dir() -> Path:
+    from roll.data import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise RollError(f"the embedded default model is missing at {DEFAULT_MODEL_DIR} (run `roll warmstart`)")
+    return DEFAULT_MODEL_DIR
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_run_config(path: Path, values: dict) -> None:
+    text = "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items() if value is not None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_run_config(run: Run) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(run.config_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RollError(f"{run.config_path}: cannot be read ({exc})") from None
+
+
+def init_run(config: InitConfig) -> dict:
+    """Create a run: prompts table, policy v0000 and run.toml, built aside and renamed into place."""
+    from roll.policy import check_model_path, load_policy, save_policy
+    from roll.tasks import build_prompts
+
+    run = Run(config.run)
+    if run.exists():
+        raise RollError(f"{run.root}: a run already exists here")
+    model_source = str(config.model) if config.model else str(default_model_dir())
+    check_model_path(model_source)
+    prompts = build_prompts(config.task, config.seed)  # validates the task before any file is written
+
+    staging = Run(run.root.parent / f".{run.root.name}.init-{os.getpid()}")
+    shutil.rmtree(staging.root, ignore_errors=True)
+    try:
+        write_table(staging.prompts_path, "prompts", prompts)
+        model, tokenizer = load_policy(model_source)
+        save_policy(model, tokenizer, staging.policy_dir(0),
+                    {"version": 0, "parent": None, "source": model_source, "objective": None})
+        values = {**asdict(config), "run": None, "model": model_source, "roll_version": __version__,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_run_config(staging.config_path, values)
+        if run.root.exists():
+            if any(run.root.iterdir()):
+                raise RollError(f"{run.root}: exists, is not empty and holds no run.toml; refusing to use it")
+            run.root.rmdir()
+        run.root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging.root, run.root)
+    finally:
+        shutil.rmtree(staging.root, ignore_errors=True)
+    counts = {}
+    for split in prompts.column("split").to_pylist():
+        counts[split] = counts.get(split, 0) + 1
+    return {"run": str(run.root), "task": config.task, "model": model_source, "prompts": counts}
+
+
+def ensure_run(path: Path | str | None) -> Run:
+    """The run at `path` (default: $ROLL_RUN or ./runs/default), created from the embedded default if absent."""
+    run = Run(path or default_run_path())
+    if not run.exists():
+        init_run(InitConfig(run=run.root))
+        print(f"roll: created run {run.root} from the embedded default (task arith, built-in model)", file=sys.stderr)
+    return run

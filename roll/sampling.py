@@ -1,0 +1,121 @@
+"""Batched sampling with a KV cache, and the log-probs of the distribution actually sampled.
+
+`sampling_logprobs` is the single definition of "the distribution the sampler draws from" (temperature,
+then top-p). Generation applies it to each incremental step; scoring applies it to a teacher-forced forward
+pass; the two must agree token for token (tests hold them within 1e-4).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs (…, V) of the sampling distribution for raw `logits` (…, V).
+
+    temperature > 0: log softmax(logits / T) restricted to the top-p nucleus (the smallest set of tokens,
+    most probable first, whose mass reaches top_p; at least one token), renormalised.
+    temperature == 0 (greedy): the sampled distribution is a point mass, whose log-prob is uselessly 0, so
+    — as vLLM and TRL report it — we return the model's own log softmax(logits) at T = 1.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.log_softmax(logits, dim=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # mass strictly before each token; a token is kept while that mass is still below top_p
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]  # generated tokens, EOS included when emitted
+    logprobs: list[float]  # sampling log-prob of each generated token
+    finish_reason: str  # "stop" or "length"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token is at position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_argument(model) -> tuple[str, dict]:
+    """transformers ≥ 5.2x calls the KV cache `cache`; earlier releases call it `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    # only the last position's logits are needed while sampling
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return name, extra
+
+
+@torch.no_grad()
+def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_p: float, eos_id: int, pad_id: int, generator: torch.Generator) -> list[Sample]:
+    """Sample one completion for each prompt in `prompt_ids` (a batch of rows), with a KV cache.
+
+    Prompts are left-padded so every row's next token sits in the last column.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    rows = len(prompt_ids)
+    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    cache_arg, extra = _cache_argument(model)
+    past = None
+    step_ids, positions = input_ids, position_ids_from_mask(attention_mask)
+    for t in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                    use_cache=True, **{cache_arg: past}, **extra)
+        past = getattr(out, cache_arg)
+        step_logprobs = sampling_logprobs(out.logits[:, -1, :], temperature, top_p)  # (B, V)
+        if temperature == 0:
+            next_ids = step_logprobs.argmax(-1)
+        else:
+            # draw on the CPU generator so a seed gives the same tokens on any device
+            next_ids = torch.multinomial(step_logprobs.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        tokens[:, t] = next_ids
+        logprobs[:, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1).masked_fill(finished, 0.0)
+        newly = (next_ids == eos_id) & ~finished
+        lengths[newly] = t + 1
+        finished |= newly
+        if bool(finished.all()):
+            break
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, torch.ones((rows, 1), dtype=attention_mask.dtype, device=device)], 1)
+        positions = positions[:, -1:] + 1
+
+    tokens, logprobs, lengths, finished = tokens.cpu(), logprobs.cpu(), lengths.cpu(), finished.cpu()
+    return [
+        Sample(tokens[r, : lengths[r]].tolist(), logprobs[r, : lengths[r]].tolist(),
+               "stop" if finished[r] else "length")
+        for r in range(rows)
+    ]
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float,
+                            top_p: float) -> torch.Tensor:
+    """Sampling log-probs of `completion_ids` after `prompt_ids` from one full forward pass (no cache)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + completion_ids], device=device)
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]  # (T, V) predicting each completion token
+    lp = sampling_logprobs(logits, temperature, top_p)
+    return lp.gather(-1, torch.tensor(completion_ids, device=device)[:, None]).squeeze(-1).cpu()

@@ -1,0 +1,350 @@
+"""The run directory: its layout, shard names, table schemas, atomic commits and DuckDB views (DESIGN §3.2).
+
+Nothing else in roll builds a path inside a run by hand; every table is written and read through here, so
+the schema is checked on both sides and a half-written file is never visible:
+
+    run.toml                                      the run's configuration
+    prompts/prompts.parquet                       prompt_id, task, split, prompt, answer, metadata
+    policies/v0000/                               save_pretrained output + policy.json
+    rollouts/version=0000/part-00000-of-00004.parquet
+    verdicts/version=0000/…   scores/version=0000/…
+    train/version=0001/steps.parquet   train/version=0001/groups.parquet
+    evals/version=0001/<dataset>.parquet
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from roll.errors import RollError
+
+# ---------------------------------------------------------------------------------------------- schemas
+# One schema per table. The required columns of DESIGN §3.2 are the contract SQL users rely on; the rest
+# are what the stages need to stay reproducible (prompt tokens, sampler settings, verifier versions).
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([pa.field(name, dtype, nullable=False) for name, dtype in fields])
+
+
+_KEY = (("policy_version", pa.int64()), ("prompt_id", pa.string()), ("sample_index", pa.int64()))
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "prompts": _schema(
+        ("prompt_id", pa.string()), ("task", pa.string()), ("split", pa.string()),
+        ("prompt", pa.string()), ("answer", pa.string()), ("metadata", pa.string()),
+    ),
+    "rollouts": _schema(
+        *_KEY,
+        ("completion", pa.string()),
+        ("prompt_token_ids", pa.list_(pa.int32())),
+        ("token_ids", pa.list_(pa.int32())),
+        ("behaviour_logprobs", pa.list_(pa.float32())),  # log-prob of each sampled token under the sampler
+        ("num_tokens", pa.int64()),
+        ("finish_reason", pa.string()),  # "stop" (EOS emitted) or "length" (max_new_tokens reached)
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("seed", pa.int64()),  # the shard's sampling seed
+        ("backend", pa.string()),
+    ),
+    "verdicts": _schema(
+        *_KEY,
+        ("reward", pa.float64()), ("correct", pa.bool_()), ("extracted_answer", pa.string()),
+        ("format_ok", pa.bool_()), ("verifier", pa.string()), ("milliseconds", pa.float64()),
+        ("error", pa.string()),
+    ),
+    "scores": _schema(
+        *_KEY,
+        ("behaviour_logprob_sum", pa.float64()), ("ref_logprob_sum", pa.float64()),
+        ("mismatch_max_abs", pa.float64()), ("mismatch_kl", pa.float64()),
+        ("trainer_logprobs", pa.list_(pa.float32())), ("ref_logprobs", pa.list_(pa.float32())),
+        ("group_size", pa.int64()), ("group_reward_mean", pa.float64()), ("group_reward_std", pa.float64()),
+    ),
+    "steps": _schema(
+        ("policy_version", pa.int64()), ("step", pa.int64()), ("objective", pa.string()),
+        ("loss", pa.float64()), ("entropy", pa.float64()), ("kl_behaviour", pa.float64()),
+        ("clip_fraction", pa.float64()), ("ess", pa.float64()), ("grad_norm", pa.float64()),
+        ("lr", pa.float64()), ("tokens", pa.int64()), ("seconds", pa.float64()),
+        ("ratio_min", pa.float64()), ("ratio_mean", pa.float64()), ("ratio_max", pa.float64()),
+    ),
+    "groups": _schema(
+        ("policy_version", pa.int64()), ("data_version", pa.int64()), ("lag", pa.int64()),
+        ("optimizer_steps", pa.int64()),  # optimiser steps taken since the behaviour version (DESIGN §3.1)
+        ("prompt_id", pa.string()), ("objective", pa.string()), ("beta", pa.float64()),
+        ("m", pa.float64()), ("k", pa.float64()), ("regime", pa.string()),
+        ("induced_entropy", pa.float64()), ("boltzmann_entropy", pa.float64()),
+        ("reward_mean", pa.float64()), ("reward_std", pa.float64()),
+    ),
+    "evals": _schema(
+        ("policy_version", pa.int64()), ("dataset", pa.string()), ("prompt_id", pa.string()),
+        ("sample_index", pa.int64()), ("correct", pa.bool_()), ("extracted_answer", pa.string()),
+        ("num_tokens", pa.int64()),
+    ),
+}
+
+# Tables written as shards per behaviour version, and the tables written once per produced version.
+SHARDED_TABLES = ("rollouts", "verdicts", "scores")
+TRAIN_TABLES = ("steps", "groups")
+
+_SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+_VERSION_RE = re.compile(r"^version=(\d{4,})$")
+_POLICY_RE = re.compile(r"^v(\d{4,})$")
+
+
+def empty_table(name: str) -> pa.Table:
+    return SCHEMAS[name].empty_table()
+
+
+# ------------------------------------------------------------------------------------- validation and IO
+
+
+def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
+    """Return `table` with exactly the columns of schema `name`, in order; refuse it naming file and column.
+
+    Extra columns are tolerated on read (more columns are welcome) and dropped; a missing column, a column
+    of another type, or a null in a column that may not hold one is refused.
+    """
+    schema = SCHEMAS[name]
+    for field in schema:
+        if field.name not in table.column_names:
+            raise RollError(f"{where}: {name} table has no column '{field.name}' (expected {field.type})")
+        column = table.column(field.name)
+        if not column.type.equals(field.type):
+            raise RollError(
+                f"{where}: column '{field.name}' has type {column.type}, expected {field.type}"
+            )
+        if not field.nullable and column.null_count:
+            raise RollError(f"{where}: column '{field.name}' holds {column.null_count} null value(s)")
+    return table.select(schema.names)
+
+
+def write_table(path: Path, name: str, table: pa.Table) -> Path:
+    """Validate `table` against schema `name` and commit it at `path` atomically.
+
+    The file is written under a hidden temporary name in the same directory, flushed to disk, then renamed:
+    a reader (or a crash) sees either no file or the whole file, never half of one.
+    """
+    path = Path(path)
+    table = check_schema(table, name, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer of this file that was killed
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, row_group_size=65536)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_table(path: Path, name: str) -> pa.Table:
+    """Read one committed file of table `name`, refusing a corrupt file or a wrong schema by name."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise RollError(f"{path}: no such file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RollError(f"{path}: not a readable Parquet file ({exc})") from None
+    return check_schema(table, name, path)
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @staticmethod
+    def parse(text: str) -> "Shard":
+        """Parse "i/N" (0 ≤ i < N)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise RollError(f"--shard '{text}': expected i/N, for example 0/4")
+        index, count = int(match.group(1)), int(match.group(2))
+        if count < 1 or index >= count:
+            raise RollError(f"--shard '{text}': shard index must satisfy 0 <= i < N")
+        return Shard(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class Run:
+    """A run directory. All paths inside a run come from here."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    # layout ------------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "run.toml"
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.root / "prompts" / "prompts.parquet"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def policy_dir(self, version: int) -> Path:
+        return self.root / "policies" / f"v{version:04d}"
+
+    def version_dir(self, table: str, version: int) -> Path:
+        assert table in SHARDED_TABLES + TRAIN_TABLES + ("evals",), table
+        group = "train" if table in TRAIN_TABLES else table
+        return self.root / group / f"version={version:04d}"
+
+    def shard_path(self, table: str, version: int, shard: Shard) -> Path:
+        return self.version_dir(table, version) / f"part-{shard.index:05d}-of-{shard.count:05d}.parquet"
+
+    def train_path(self, table: str, version: int) -> Path:
+        return self.version_dir(table, version) / f"{table}.parquet"
+
+    def eval_path(self, version: int, dataset: str) -> Path:
+        return self.version_dir("evals", version) / f"{dataset}.parquet"
+
+    # what is committed -------------------------------------------------------------------------------
+    def policy_versions(self) -> list[int]:
+        """Versions whose checkpoint is committed (policy.json is written last, so its presence commits)."""
+        base = self.root / "policies"
+        if not base.is_dir():
+            return []
+        found = (_POLICY_RE.match(p.name) for p in base.iterdir())
+        return sorted(int(m.group(1)) for m in found if m and (base / m.group(0) / "policy.json").is_file())
+
+    def latest_policy_version(self) -> int:
+        versions = self.policy_versions()
+        if not versions:
+            raise RollError(f"{self.root}: no committed policy under policies/ (run `roll init`)")
+        return versions[-1]
+
+    def require_policy(self, version: int) -> Path:
+        if version not in self.policy_versions():
+            have = ", ".join(map(str, self.policy_versions())) or "none"
+            raise RollError(f"{self.root}: policy version {version} does not exist (have: {have})")
+        return self.policy_dir(version)
+
+    def shards(self, table: str, version: int) -> dict[Shard, Path]:
+        """Committed shards of `table` for behaviour version `version`."""
+        directory = self.version_dir(table, version)
+        if not directory.is_dir():
+            return {}
+        found = {}
+        for path in sorted(directory.iterdir()):
+            match = _SHARD_RE.match(path.name)
+            if match:
+                found[Shard(int(match.group(1)), int(match.group(2)))] = path
+        return found
+
+    def complete_shard_count(self, table: str, version: int) -> int | None:
+        """N if every part i-of-N of `table` for `version` is committed, else None."""
+        by_count: dict[int, set[int]] = {}
+        for shard in self.shards(table, version):
+            by_count.setdefault(shard.count, set()).add(shard.index)
+        for count, indices in sorted(by_count.items()):
+            if len(indices) == count:
+                return count
+        return None
+
+    def versions(self, table: str) -> list[int]:
+        """Versions that hold at least one committed file of `table`."""
+        group = "train" if table in TRAIN_TABLES else table
+        base = self.root / group
+        if not base.is_dir():
+            return []
+        out = []
+        for directory in base.iterdir():
+            match = _VERSION_RE.match(directory.name)
+            if match and any(directory.glob("*.parquet")):
+                out.append(int(match.group(1)))
+        return sorted(out)
+
+    def read_version(self, table: str, version: int) -> pa.Table:
+        """All committed shards of one version of a sharded table, validated, as one table."""
+        parts = [read_table(path, table) for path in self.shards(table, version).values()]
+        return pa.concat_tables(parts) if parts else empty_table(table)
+
+    def read_prompts(self) -> pa.Table:
+        return read_table(self.prompts_path, "prompts")
+
+    def remove_policy(self, version: int) -> None:
+        shutil.rmtree(self.policy_dir(version), ignore_errors=True)
+
+    # SQL ---------------------------------------------------------------------------------------------
+    def table_glob(self, table: str) -> str:
+        if table == "prompts":
+            return str(self.prompts_path)
+        if table in TRAIN_TABLES:
+            return str(self.root / "train" / "version=*" / f"{table}.parquet")
+        if table == "evals":
+            return str(self.root / "evals" / "version=*" / "*.parquet")
+        return str(self.root / table / "version=*" / "part-*.parquet")
+
+    def connect(self):
+        """An in-memory DuckDB connection with a view per table (and `samples`, their join).
+
+        Views read the committed Parquet files directly, so a query sees every shard committed before it
+        started and never a temporary file (those are hidden names that the globs do not match).
+        """
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        for table in SCHEMAS:
+            if glob.glob(self.table_glob(table)):
+                source = f"read_parquet({_sql_str(self.table_glob(table))}, union_by_name=true, hive_partitioning=false)"
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM {source}")
+            else:
+                con.register(f"_empty_{table}", empty_table(table))
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
+        con.execute(
+            "CREATE VIEW samples AS SELECT * FROM rollouts "
+            "LEFT JOIN verdicts USING (policy_version, prompt_id, sample_index) "
+            "LEFT JOIN scores USING (policy_version, prompt_id, sample_index)"
+        )
+        return con
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA")
+
+
+def query(run: Run, sql: str):
+    """Run user SQL over the run's views, refusing anything but reads. Returns a DuckDB relation result."""
+    import duckdb
+
+    con = run.connect()
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
+    if not statements:
+        raise RollError("SQL: no statement given")
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise RollError(f"SQL: roll sql is read-only; {kind} statements are not allowed")
+    try:
+        for statement in statements[:-1]:
+            con.execute(statement.query)
+        return con.execute(statements[-1].query)
+    except duckdb.Error as exc:
+        raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None

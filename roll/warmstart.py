@@ -1,0 +1,128 @@
+"""warmstart: supervised training of the embedded default model on solved arith problems.
+
+The model starts from random weights and learns the task's format and some arithmetic from worked
+solutions (loss on completion tokens only). Training stops as soon as sampled pass@1 on the test split
+reaches `target_accuracy`: a deliberately weak policy, so RL has room to improve it. The checkpoint goes
+to data/default_model/ with warmstart.json recording the command, seed and measured accuracy.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WarmstartConfig:
+    out: Path | None = None  # checkpoint directory; None = the package's data/default_model
+    seed: int = 0  # model init, batch order and evaluation sampling
+    steps: int = 3000  # most optimiser steps
+    batch_size: int = 64  # solved examples per step
+    lr: float = 1e-3  # AdamW learning rate (after a 50-step linear warm-up)
+    eval_every: int = 100  # steps between pass@1 measurements; 0 = never (and never stop early)
+    eval_prompts: int = 200  # test prompts per measurement, one sample each at T = 1
+    target_accuracy: float = 0.2  # stop once sampled pass@1 reaches this
+
+
+def solved_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + solution + EOS, prompt length) for each row."""
+    examples = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        solution = tokenizer(json.loads(row["metadata"])["solution"], add_special_tokens=False)["input_ids"]
+        examples.append((prompt + solution + [tokenizer.eos_token_id], len(prompt)))
+    return examples
+
+
+def collate(examples, pad_id: int):
+    """Right-padded (input_ids, labels) with labels −100 on prompt and padding: loss on completions only."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_len: len(ids)] = torch.tensor(ids[prompt_len:])
+    return input_ids, labels
+
+
+def sampled_accuracy(model, tokenizer, rows: list[dict], seed: int, max_new_tokens: int = 48) -> float:
+    """Sampled pass@1 (T = 1, one sample per prompt) with the task's exact verifier."""
+    import torch
+
+    from roll.sampling import sample_batch
+    from roll.tasks import extract_arith_answer
+
+    model.eval()
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    samples = sample_batch(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                           generator=torch.Generator().manual_seed(seed))
+    model.train()
+    correct = sum(extract_arith_answer(tokenizer.decode(s.token_ids, skip_special_tokens=True)) == row["answer"]
+                  for s, row in zip(samples, rows))
+    return correct / len(rows)
+
+
+def run(config: WarmstartConfig) -> dict:
+    """Train, stop at the target accuracy (or the step limit), save; returns losses and accuracies."""
+    import torch
+
+    from roll.data import DEFAULT_MODEL_DIR
+    from roll.policy import build_default_model, build_default_tokenizer
+    from roll.progress import progress_bar
+    from roll.tasks import arith_rows
+
+    out = Path(config.out or DEFAULT_MODEL_DIR)
+    rows = arith_rows(seed=0)
+    train = [r for r in rows if r["split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"][: config.eval_prompts]
+    tokenizer = build_default_tokenizer()
+    model = build_default_model(tokenizer, seed=config.seed)
+    model.train()
+    examples = solved_examples(tokenizer, train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
+    rng = random.Random(config.seed)
+
+    losses, evaluations, accuracy, started = [], [], None, time.perf_counter()
+    with progress_bar("warmstart", config.steps, "steps") as advance:
+        for step in range(1, config.steps + 1):
+            input_ids, labels = collate(rng.sample(examples, config.batch_size), tokenizer.pad_token_id)
+            loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(),
+                         labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            advance()
+            if config.eval_every and step % config.eval_every == 0:
+                accuracy = sampled_accuracy(model, tokenizer, test, seed=config.seed)
+                evaluations.append({"step": step, "loss": losses[-1], "sampled_pass@1": accuracy})
+                print(f"step {step}: loss {losses[-1]:.4f}, sampled pass@1 {accuracy:.3f}", file=sys.stderr, flush=True)
+                if accuracy >= config.target_accuracy:
+                    break
+
+    model.eval()
+    summary = {
+        "command": "roll warmstart " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["warmstart"] else None,
+        "config": {**asdict(config), "out": str(out)},
+        "steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
+        "sampled_pass@1": accuracy, "eval_prompts": len(test), "evaluations": evaluations,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "warmstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "losses": losses}

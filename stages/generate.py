@@ -1,0 +1,151 @@
+"""generate: sample G completions per prompt from policy version v and commit them as a rollouts shard.
+
+Each version draws `prompts` train prompts in a seeded order that walks through the train split (version v
+takes positions v·P … v·P+P−1 of an endless sequence of seeded permutations), so successive versions see
+fresh prompts. `--shard i/N` takes every N-th of those prompts starting at i; the N shards of a version
+partition its prompts exactly. Every row records the sampler's per-token log-probs of the distribution it
+actually drew from (temperature, then top-p) as `behaviour_logprobs`.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.store import Run, Shard, write_table
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    run: Path  # run directory
+    version: int | None = None  # policy version to sample from; None = the latest committed
+    prompts: int = 64  # train prompts drawn for this version (across all shards)
+    group_size: int = 8  # completions per prompt (G)
+    max_new_tokens: int = 48  # completion length limit; a row that hits it finishes with "length"
+    temperature: float = 1.0  # sampling temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept (1 = off)
+    seed: int = 0  # seeds the prompt order and, with version and shard, the sampler
+    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # this process's part i/N of the prompts
+    batch_size: int = 256  # sequences per forward pass
+    backend: str = "hf"  # hf (transformers, CPU or GPU) or vllm (GPU)
+    device: str = "auto"  # auto, cpu or cuda
+    force: bool = False  # regenerate a shard that is already committed
+
+
+def check_config(config: GenerateConfig) -> None:
+    if config.prompts < 1 or config.group_size < 1 or config.max_new_tokens < 1 or config.batch_size < 1:
+        raise RollError("--prompts, --group-size, --max-new-tokens and --batch-size must be at least 1")
+    if config.temperature < 0:
+        raise RollError(f"--temperature {config.temperature}: must be >= 0")
+    if not 0 < config.top_p <= 1:
+        raise RollError(f"--top-p {config.top_p}: must be in (0, 1]")
+    if config.backend not in BACKENDS:
+        raise RollError(f"--backend '{config.backend}': choose from {', '.join(BACKENDS)}")
+
+
+def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int) -> list[str]:
+    """The `count` prompt ids of `version`: positions v·count … of consecutive seeded permutations."""
+    if count > len(train_ids):
+        raise RollError(f"--prompts {count}: the run has only {len(train_ids)} train prompts")
+    permutations: dict[int, list[int]] = {}
+    chosen = []
+    for position in range(version * count, (version + 1) * count):
+        epoch, offset = divmod(position, len(train_ids))
+        if epoch not in permutations:
+            order = list(range(len(train_ids)))
+            random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
+            permutations[epoch] = order
+        chosen.append(train_ids[permutations[epoch][offset]])
+    return chosen
+
+
+def shard_seed(seed: int, version: int, shard: Shard) -> int:
+    """A sampling seed per (seed, version, shard): the same command reproduces the same rows."""
+    digest = hashlib.sha256(f"{seed}/{version}/{shard.index}/{shard.count}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def run(config: GenerateConfig) -> dict:
+    """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
+    import pyarrow as pa
+    import torch
+
+    from roll.policy import load_policy, pick_device
+    from roll.progress import progress_bar
+    from roll.sampling import sample_batch
+    from roll.store import SCHEMAS
+
+    check_config(config)
+    run_dir = Run(config.run)
+    version = run_dir.latest_policy_version() if config.version is None else config.version
+    policy_dir = run_dir.require_policy(version)
+    path = run_dir.shard_path("rollouts", version, config.shard)
+    summary = {"run": str(run_dir.root), "version": version, "shard": str(config.shard), "path": str(path)}
+    if path.exists() and not config.force:
+        return {**summary, "skipped": True, "rows": 0}
+    other = run_dir.complete_shard_count("rollouts", version)
+    if other not in (None, config.shard.count) and not config.force:
+        raise RollError(f"{run_dir.version_dir('rollouts', version)}: version {version} already has rollouts in "
+                        f"{other} shards; use --shard i/{other}, or --force to replace them")
+    if config.force:
+        for stale, stale_path in run_dir.shards("rollouts", version).items():
+            if stale.count != config.shard.count:
+                stale_path.unlink(missing_ok=True)
+    if config.backend == "vllm":
+        raise RollError("--backend vllm is not available in this build (install roll[vllm] on a GPU machine)")
+
+    prompts = run_dir.read_prompts()
+    if prompts.num_rows == 0:
+        raise RollError(f"{run_dir.prompts_path}: holds no prompts")
+    by_id = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
+    train_ids = [pid for pid, split in zip(prompts.column("prompt_id").to_pylist(),
+                                           prompts.column("split").to_pylist()) if split == "train"]
+    if not train_ids:
+        raise RollError(f"{run_dir.prompts_path}: no prompts in the train split")
+    chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
+
+    device = pick_device(config.device)
+    model, tokenizer = load_policy(policy_dir, device)
+    texts = prompts.column("prompt").to_pylist()
+    prompt_ids = tokenizer([texts[by_id[pid]] for pid in chosen], add_special_tokens=True)["input_ids"]
+    seed = shard_seed(config.seed, version, config.shard)
+    generator = torch.Generator().manual_seed(seed)
+    group = config.group_size
+    prompts_per_batch = max(1, config.batch_size // group)
+
+    columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
+    started = time.perf_counter()
+    with progress_bar(f"generate v{version} shard {config.shard}", len(chosen) * group, "sequences") as advance:
+        for start in range(0, len(chosen), prompts_per_batch):
+            batch_ids = chosen[start:start + prompts_per_batch]
+            batch_prompts = prompt_ids[start:start + prompts_per_batch]
+            rows = [ids for ids in batch_prompts for _ in range(group)]  # (prompts × G) rows, prompt-major
+            samples = sample_batch(model, rows, max_new_tokens=config.max_new_tokens,
+                                   temperature=config.temperature, top_p=config.top_p,
+                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   generator=generator)
+            for row, sample in enumerate(samples):
+                prompt_index, sample_index = divmod(row, group)
+                completion_ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
+                values = {
+                    "policy_version": version, "prompt_id": batch_ids[prompt_index], "sample_index": sample_index,
+                    "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                    "prompt_token_ids": batch_prompts[prompt_index], "token_ids": sample.token_ids,
+                    "behaviour_logprobs": sample.logprobs, "num_tokens": len(sample.token_ids),
+                    "finish_reason": sample.finish_reason, "temperature": config.temperature,
+                    "top_p": config.top_p, "seed": seed, "backend": config.backend,
+                }
+                for name, value in values.items():
+                    columns[name].append(value)
+            advance(len(samples))
+    seconds = time.perf_counter() - started
+    write_table(path, "rollouts", pa.table(columns, schema=SCHEMAS["rollouts"]))
+    tokens = sum(columns["num_tokens"])
+    rows = len(columns["num_tokens"])
+    return {**summary, "skipped": False, "rows": rows, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1), "sequences_per_s": round(rows / seconds, 2)}
