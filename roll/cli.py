@@ -145,6 +145,158 @@ def generate(run_path, version, prompts, group_size, max_new_tokens, temperature
     print_summary(run_generate(config))
 
 
+def versions_option(f):
+    return click.option("--version", "versions", type=int, multiple=True,
+                        help="Behaviour version to process (repeatable). [default: every version with rollouts]")(f)
+
+
+@cli.command()
+@run_option
+@versions_option
+@shard_option
+@click.option("--verifier", type=click.Choice(["arith", "math"]), default=None,
+              help="Verifier. [default: chosen from each prompt's task]")
+@click.option("--timeout", default=5.0, help="Hard bound in seconds on checking one answer.")
+@click.option("--workers", default=2, help="Verifier worker processes (math verifier).")
+@click.option("--format-penalty", default=0.0, help="Subtracted from the reward when no final answer is found.")
+@click.option("--force", is_flag=True, help="Re-verify committed shards.")
+def verify(run_path, versions, shard, verifier, timeout, workers, format_penalty, force):
+    """Extract final answers, compare with the ground truth, write verdicts/version=V/.
+
+    \b
+    Example:
+      roll verify --version 0 --shard 0/4
+    """
+    from roll.runs import ensure_run
+    from roll.stages.verify import VerifyConfig, run as run_verify
+    from roll.store import Shard
+
+    parsed = Shard.parse(shard)
+    print_summary(run_verify(VerifyConfig(run=ensure_run(run_path).root, versions=versions or None, shard=parsed,
+                                          verifier=verifier, timeout=timeout, workers=workers,
+                                          format_penalty=format_penalty, force=force)))
+
+
+@cli.command()
+@run_option
+@versions_option
+@shard_option
+@click.option("--batch-size", default=64, help="Sequences per forward pass.")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Re-score committed shards.")
+def score(run_path, versions, shard, batch_size, device, force):
+    """Teacher-forced log-probs under the behaviour checkpoint and π_ref, into scores/version=V/.
+
+    \b
+    Example:
+      roll score --version 0
+    """
+    from roll.runs import ensure_run
+    from roll.stages.score import ScoreConfig, run as run_score
+    from roll.store import Shard
+
+    parsed = Shard.parse(shard)
+    print_summary(run_score(ScoreConfig(run=ensure_run(run_path).root, versions=versions or None, shard=parsed,
+                                        batch_size=batch_size, device=device, force=force)))
+
+
+@cli.command()
+@run_option
+@click.option("--objective", default="stable-pess",
+              help="ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.")
+@version_option
+@click.option("--lag", default=0, help="L: update v -> v+1 reads behaviour versions up to v - L.")
+@click.option("--window", default=1, help="W: the number of behaviour versions read, ending at v - L.")
+@click.option("--beta", default=0.1, help="β: KL temperature of the regression objectives and the Lambert diagnostics.")
+@click.option("--beta1", default=0.2, help="β₁: temperature of the soft value in oapl and apo.")
+@click.option("--shift", default=1.0, help="s: stable-pess baseline shift, in units of β.")
+@click.option("--clip-low", default=0.2, help="PPO ε_low.")
+@click.option("--clip-high", default=0.2, help="PPO ε_high (and the CISPO weight cap 1 + ε_high).")
+@click.option("--kl-ref", default=0.0, help="Weight of the k3 KL-to-π_ref term (ppo, cispo, pg).")
+@click.option("--adv-norm", type=click.Choice(["std", "none"]), default="std", help="ppo/cispo advantage normalisation.")
+@click.option("--lr", default=1e-3, help="AdamW learning rate.")
+@click.option("--epochs", default=1, help="Passes over the selected rows.")
+@click.option("--mini-batch", default=512, help="Completions per optimiser step.")
+@click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation).")
+@click.option("--grad-clip", default=1.0, help="Max global gradient norm (0 = off).")
+@seed_option
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Retrain version v+1 even if it exists.")
+def train(run_path, objective, version, lag, window, beta, beta1, shift, clip_low, clip_high, kl_ref, adv_norm,
+          lr, epochs, mini_batch, micro_batch, grad_clip, seed, device, force):
+    """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
+
+    Runs verify and score first on selected versions that lack them.
+
+    \b
+    Example:
+      roll generate && roll train --objective stable-pess
+    """
+    from roll.runs import ensure_run
+    from roll.stages.train import TrainConfig, run as run_train
+
+    config = TrainConfig(run=ensure_run(run_path).root, objective=objective, version=version, lag=lag,
+                         window=window, beta=beta, beta1=beta1, shift=shift, clip_low=clip_low,
+                         clip_high=clip_high, kl_ref=kl_ref, adv_norm=adv_norm, lr=lr, epochs=epochs,
+                         mini_batch=mini_batch, micro_batch=micro_batch, grad_clip=grad_clip, seed=seed,
+                         device=device, force=force)
+    print_summary(run_train(config))
+
+
+@cli.command()
+@run_option
+@version_option
+@click.option("--dataset", default=None, help="Bundled dataset (gsm8k, math500, aime24, aime25, amc23). [default: the run's test split]")
+@click.option("--k", default=4, help="Samples per prompt.")
+@click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off).")
+@click.option("--max-new-tokens", default=48, help="Completion length limit.")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts. [default: all]")
+@click.option("--batch-size", default=256, help="Sequences per forward pass.")
+@seed_option
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Re-evaluate a committed version and dataset.")
+def evaluate(run_path, version, dataset, k, temperature, top_p, max_new_tokens, limit, batch_size, seed, device, force):
+    """Held-out pass@1 (mean over k samples), unbiased pass@k and maj@k, into evals/version=V/.
+
+    \b
+    Example:
+      roll evaluate --k 8 --temperature 1.0
+    """
+    from roll.runs import ensure_run
+    from roll.stages.evaluate import EvaluateConfig, run as run_evaluate
+
+    config = EvaluateConfig(run=ensure_run(run_path).root, version=version, dataset=dataset, k=k,
+                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, limit=limit,
+                            batch_size=batch_size, seed=seed, device=device, force=force)
+    print_summary(run_evaluate(config))
+
+
+@cli.command()
+@click.option("--advantages", default=None, help="Comma-separated advantages of one group, e.g. 0.5,-0.5,-0.5.")
+@click.option("--rewards", default=None, help="Comma-separated rewards of one group (advantages come from --objective).")
+@click.option("--objective", default="stable-pess", help="Objective whose advantage turns --rewards (or a run's group) into A.")
+@click.option("--beta", default=0.1, help="β.")
+@click.option("--beta1", default=0.2, help="β₁ (oapl, apo).")
+@click.option("--shift", default=1.0, help="s (stable-pess).")
+@run_option
+@click.option("--version", "data_version", type=int, default=None, help="Behaviour version of a group in the run.")
+@click.option("--prompt-id", default=None, help="Prompt of a group in the run (with --version).")
+def lambert(advantages, rewards, objective, beta, beta1, shift, run_path, data_version, prompt_id):
+    """Print a group's nominal (Boltzmann) and induced (Lambert) targets side by side, with m, k and regime.
+
+    \b
+    Example:
+      roll lambert --rewards 1,0,0,0,1,0,0,0 --objective pmd-mean --beta 0.1
+      roll lambert --advantages 0.5,-0.25,-0.25 --beta 0.05
+      roll lambert --version 0 --prompt-id arith-train-00042
+    """
+    from roll.lambert import show
+
+    show(advantages=advantages, rewards=rewards, objective=objective, beta=beta, beta1=beta1, shift=shift,
+         run_path=run_path, data_version=data_version, prompt_id=prompt_id)
+
+
 @cli.command()
 @click.argument("query")
 @run_option

@@ -69,6 +69,7 @@ def load_policy(path: str | Path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_path(path)
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -79,6 +80,14 @@ def load_policy(path: str | Path, device: str = "cpu"):
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and advisories: stderr is for roll's own one-liners."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
@@ -98,6 +107,16 @@ def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
 
 def read_policy_meta(directory: Path) -> dict:
     return json.loads((Path(directory) / "policy.json").read_text())
+
+
+def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[list[int]]:
+    """Token ids of each prompt. A prompt already wrapped in the model's chat template carries its own special
+    tokens (metadata "chat_template": true), so the tokenizer must not add a second BOS to it."""
+    out = []
+    for text, meta in zip(prompts, metadata):
+        templated = bool(json.loads(meta or "{}").get("chat_template")) if meta else False
+        out.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    return out
 
 
 def pick_device(device: str = "auto") -> str:

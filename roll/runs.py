@@ -72,13 +72,13 @@ def init_run(config: InitConfig) -> dict:
         raise RollError(f"{run.root}: a run already exists here")
     model_source = str(config.model) if config.model else str(default_model_dir())
     check_model_path(model_source)
-    prompts = build_prompts(config.task, config.seed)  # validates the task before any file is written
+    model, tokenizer = load_policy(model_source)
+    prompts = build_prompts(config.task, config.seed, tokenizer)  # refuses a bad task before any file is written
 
     staging = Run(run.root.parent / f".{run.root.name}.init-{os.getpid()}")
     shutil.rmtree(staging.root, ignore_errors=True)
     try:
         write_table(staging.prompts_path, "prompts", prompts)
-        model, tokenizer = load_policy(model_source)
         save_policy(model, tokenizer, staging.policy_dir(0),
                     {"version": 0, "parent": None, "source": model_source, "objective": None})
         values = {**asdict(config), "run": None, "model": model_source, "roll_version": __version__,

@@ -119,3 +119,39 @@ def teacher_forced_logprobs(model, prompt_ids: list[int], completion_ids: list[i
     logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]  # (T, V) predicting each completion token
     lp = sampling_logprobs(logits, temperature, top_p)
     return lp.gather(-1, torch.tensor(completion_ids, device=device)[:, None]).squeeze(-1).cpu()
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
+                        top_p: float = 1.0, with_entropy: bool = False):
+    """Teacher-forced log-probs of each completion token, batched: ((B, T) log-probs, (B, T) mask).
+
+    With `with_entropy`, also the (B, T) entropy of the sampling distribution at each position (detached).
+
+    Rows are right-padded (positions then start at 0 without help); row r's completion token j is predicted
+    by the logits at position len(prompt_r) − 1 + j. Differentiable: the trainer calls it with grad.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width, longest = max(lengths), max(len(c) for c in completions)
+    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    gather_at = torch.zeros((len(prompts), longest), dtype=torch.long)  # logit position per completion token
+    mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[row, : len(p) + len(c)] = 1
+        gather_at[row, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        mask[row, : len(c)] = True
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    gather_at, mask = gather_at.to(device), mask.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
+    logits = logits.gather(1, gather_at[:, :, None].expand(-1, -1, logits.shape[-1]))  # (B, T, V)
+    targets = input_ids.gather(1, (gather_at + 1).clamp(max=width - 1))  # (B, T) the completion tokens
+    all_logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, T, V)
+    logprobs = all_logprobs.gather(-1, targets[:, :, None]).squeeze(-1).masked_fill(~mask, 0.0)
+    if not with_entropy:
+        return logprobs, mask
+    with torch.no_grad():
+        p = all_logprobs.exp()
+        entropy = -(p * all_logprobs.masked_fill(p == 0, 0.0)).sum(-1).masked_fill(~mask, 0.0)
+    return logprobs, mask, entropy

@@ -50,6 +50,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("behaviour_logprobs", pa.list_(pa.float32())),  # log-prob of each sampled token under the sampler
         ("num_tokens", pa.int64()),
         ("finish_reason", pa.string()),  # "stop" (EOS emitted) or "length" (max_new_tokens reached)
+        ("max_new_tokens", pa.int64()),
         ("temperature", pa.float64()),
         ("top_p", pa.float64()),
         ("seed", pa.int64()),  # the shard's sampling seed
@@ -90,11 +91,16 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+# Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.
+FINITE_COLUMNS = {"verdicts": ("reward",)}
+
 # Tables written as shards per behaviour version, and the tables written once per produced version.
 SHARDED_TABLES = ("rollouts", "verdicts", "scores")
 TRAIN_TABLES = ("steps", "groups")
 
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+# Supplementary files of a version outside its i-of-N partition (apo's version-0 samples of later prompts).
+_EXTRA_RE = re.compile(r"^extra-[A-Za-z0-9_.-]+\.parquet$")
 _VERSION_RE = re.compile(r"^version=(\d{4,})$")
 _POLICY_RE = re.compile(r"^v(\d{4,})$")
 
@@ -123,6 +129,14 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
             )
         if not field.nullable and column.null_count:
             raise RollError(f"{where}: column '{field.name}' holds {column.null_count} null value(s)")
+    for column_name in FINITE_COLUMNS.get(name, ()):
+        import pyarrow.compute as pc
+
+        finite = pc.is_finite(table.column(column_name)).combine_chunks()
+        if finite.false_count:
+            row = finite.to_pylist().index(False)
+            value = table.column(column_name)[row].as_py()
+            raise RollError(f"{where}: row {row} has {column_name} {value}; it must be a finite number")
     return table.select(schema.names)
 
 
@@ -164,7 +178,7 @@ def read_table(path: Path, name: str) -> pa.Table:
 # --------------------------------------------------------------------------------------------- the run
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Shard:
     index: int
     count: int
@@ -252,6 +266,16 @@ class Run:
                 found[Shard(int(match.group(1)), int(match.group(2)))] = path
         return found
 
+    def extra_path(self, table: str, version: int, tag: str) -> Path:
+        return self.version_dir(table, version) / f"extra-{tag}.parquet"
+
+    def files(self, table: str, version: int) -> dict[str, Path]:
+        """Every committed file of a sharded table's version, partition shards and extras, by file name."""
+        directory = self.version_dir(table, version)
+        if not directory.is_dir():
+            return {}
+        return {p.name: p for p in sorted(directory.iterdir()) if _SHARD_RE.match(p.name) or _EXTRA_RE.match(p.name)}
+
     def complete_shard_count(self, table: str, version: int) -> int | None:
         """N if every part i-of-N of `table` for `version` is committed, else None."""
         by_count: dict[int, set[int]] = {}
@@ -277,7 +301,7 @@ class Run:
 
     def read_version(self, table: str, version: int) -> pa.Table:
         """All committed shards of one version of a sharded table, validated, as one table."""
-        parts = [read_table(path, table) for path in self.shards(table, version).values()]
+        parts = [read_table(path, table) for path in self.files(table, version).values()]
         return pa.concat_tables(parts) if parts else empty_table(table)
 
     def read_prompts(self) -> pa.Table:
@@ -294,7 +318,7 @@ class Run:
             return str(self.root / "train" / "version=*" / f"{table}.parquet")
         if table == "evals":
             return str(self.root / "evals" / "version=*" / "*.parquet")
-        return str(self.root / table / "version=*" / "part-*.parquet")
+        return str(self.root / table / "version=*" / "*.parquet")  # temporaries end in .tmp, never match
 
     def connect(self):
         """An in-memory DuckDB connection with a view per table (and `samples`, their join).
@@ -348,3 +372,37 @@ def query(run: Run, sql: str):
         return con.execute(statements[-1].query)
     except duckdb.Error as exc:
         raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
+
+
+# Named, parameterised queries the stages run; user input only ever arrives as a parameter.
+NAMED_QUERIES = {
+    "window_samples": """
+        SELECT policy_version, prompt_id, sample_index, prompt_token_ids, token_ids, temperature, top_p,
+               max_new_tokens, v.reward, s.trainer_logprobs, s.ref_logprobs
+        FROM rollouts r
+        LEFT JOIN verdicts v USING (policy_version, prompt_id, sample_index)
+        LEFT JOIN scores s USING (policy_version, prompt_id, sample_index)
+        WHERE policy_version BETWEEN $lo AND $hi
+        ORDER BY policy_version, prompt_id, sample_index""",
+    "optimizer_steps_between": """
+        SELECT count(*) AS steps FROM steps WHERE policy_version > $lo AND policy_version <= $hi""",
+    "group_rewards": """
+        SELECT sample_index, reward FROM verdicts WHERE policy_version = $version AND prompt_id = $prompt_id
+        ORDER BY sample_index""",
+    "version0_rewards": """
+        SELECT prompt_id, reward FROM rollouts JOIN verdicts USING (policy_version, prompt_id, sample_index)
+        WHERE policy_version = 0 AND prompt_id IN (SELECT unnest($prompt_ids))
+        ORDER BY prompt_id, sample_index""",
+}
+
+
+def named_query(run: Run, name: str, **params) -> list[dict]:
+    """Rows (as dicts) of the named query over the run's views."""
+    import duckdb
+
+    try:
+        cursor = run.connect().execute(NAMED_QUERIES[name], params)
+    except duckdb.Error as exc:
+        raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from roll.datasets import DATASETS, dataset_rows
 from roll.errors import RollError
 
 ARITH = "arith"
@@ -120,15 +121,20 @@ def _file_rows(path: Path) -> list[dict]:
     return rows
 
 
-TASKS = (ARITH,)
+TASKS = (ARITH, *DATASETS)  # the embedded default, then the bundled real datasets
 
 
-def build_prompts(task: str, seed: int = 0) -> pa.Table:
-    """The prompts table for `task` (a built-in name or a path to a JSONL/Parquet file)."""
+def build_prompts(task: str, seed: int = 0, tokenizer=None) -> pa.Table:
+    """The prompts table for `task` (a built-in name or a path to a JSONL/Parquet file).
+
+    `tokenizer` matters only for the bundled datasets: one with a chat template gets its prompts wrapped in it.
+    """
     from roll.store import SCHEMAS
 
     if task == ARITH:
         rows = arith_rows(seed)
+    elif task in TASKS:
+        rows = dataset_rows(task, tokenizer)  # fixed files: the seed has nothing to shuffle
     elif Path(task).suffix in (".jsonl", ".json", ".parquet") and Path(task).is_file():
         rows = _file_rows(Path(task))
     else:

@@ -70,15 +70,59 @@ def shard_seed(seed: int, version: int, shard: Shard) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
-def run(config: GenerateConfig) -> dict:
-    """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
+def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], prompt_tokens: list[list[int]], *,
+                    group_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                    batch_size: int, backend: str, description: str):
+    """Rollout rows (a pyarrow table) of `group_size` samples for each prompt, batched prompt-major."""
     import pyarrow as pa
     import torch
 
-    from roll.policy import load_policy, pick_device
     from roll.progress import progress_bar
     from roll.sampling import sample_batch
     from roll.store import SCHEMAS
+
+    generator = torch.Generator().manual_seed(seed)
+    prompts_per_batch = max(1, batch_size // group_size)
+    columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
+    with progress_bar(description, len(prompt_ids) * group_size, "sequences") as advance:
+        for start in range(0, len(prompt_ids), prompts_per_batch):
+            batch_ids = prompt_ids[start:start + prompts_per_batch]
+            batch_prompts = prompt_tokens[start:start + prompts_per_batch]
+            rows = [ids for ids in batch_prompts for _ in range(group_size)]  # (prompts × G) rows
+            samples = sample_batch(model, rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   generator=generator)
+            for row, sample in enumerate(samples):
+                prompt_index, sample_index = divmod(row, group_size)
+                completion_ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
+                values = {
+                    "policy_version": version, "prompt_id": batch_ids[prompt_index], "sample_index": sample_index,
+                    "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                    "prompt_token_ids": batch_prompts[prompt_index], "token_ids": sample.token_ids,
+                    "behaviour_logprobs": sample.logprobs, "num_tokens": len(sample.token_ids),
+                    "finish_reason": sample.finish_reason, "max_new_tokens": max_new_tokens,
+                    "temperature": temperature, "top_p": top_p,
+                    "seed": seed, "backend": backend,
+                }
+                for name, value in values.items():
+                    columns[name].append(value)
+            advance(len(samples))
+    return pa.table(columns, schema=SCHEMAS["rollouts"])
+
+
+def prompt_tokens(run_dir: Run, tokenizer, prompt_ids: list[str]) -> list[list[int]]:
+    """Token ids of the run's prompts `prompt_ids`, in order."""
+    from roll.policy import encode_prompts
+
+    prompts = run_dir.read_prompts()
+    by_id = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
+    texts, metadata = prompts.column("prompt").to_pylist(), prompts.column("metadata").to_pylist()
+    return encode_prompts(tokenizer, [texts[by_id[pid]] for pid in prompt_ids], [metadata[by_id[pid]] for pid in prompt_ids])
+
+
+def run(config: GenerateConfig) -> dict:
+    """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
+    from roll.policy import load_policy, pick_device
 
     check_config(config)
     run_dir = Run(config.run)
@@ -102,50 +146,22 @@ def run(config: GenerateConfig) -> dict:
     prompts = run_dir.read_prompts()
     if prompts.num_rows == 0:
         raise RollError(f"{run_dir.prompts_path}: holds no prompts")
-    by_id = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
     train_ids = [pid for pid, split in zip(prompts.column("prompt_id").to_pylist(),
                                            prompts.column("split").to_pylist()) if split == "train"]
     if not train_ids:
         raise RollError(f"{run_dir.prompts_path}: no prompts in the train split")
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
 
-    device = pick_device(config.device)
-    model, tokenizer = load_policy(policy_dir, device)
-    texts = prompts.column("prompt").to_pylist()
-    prompt_ids = tokenizer([texts[by_id[pid]] for pid in chosen], add_special_tokens=True)["input_ids"]
-    seed = shard_seed(config.seed, version, config.shard)
-    generator = torch.Generator().manual_seed(seed)
-    group = config.group_size
-    prompts_per_batch = max(1, config.batch_size // group)
-
-    columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
+    model, tokenizer = load_policy(policy_dir, pick_device(config.device))
     started = time.perf_counter()
-    with progress_bar(f"generate v{version} shard {config.shard}", len(chosen) * group, "sequences") as advance:
-        for start in range(0, len(chosen), prompts_per_batch):
-            batch_ids = chosen[start:start + prompts_per_batch]
-            batch_prompts = prompt_ids[start:start + prompts_per_batch]
-            rows = [ids for ids in batch_prompts for _ in range(group)]  # (prompts × G) rows, prompt-major
-            samples = sample_batch(model, rows, max_new_tokens=config.max_new_tokens,
-                                   temperature=config.temperature, top_p=config.top_p,
-                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                   generator=generator)
-            for row, sample in enumerate(samples):
-                prompt_index, sample_index = divmod(row, group)
-                completion_ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
-                values = {
-                    "policy_version": version, "prompt_id": batch_ids[prompt_index], "sample_index": sample_index,
-                    "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
-                    "prompt_token_ids": batch_prompts[prompt_index], "token_ids": sample.token_ids,
-                    "behaviour_logprobs": sample.logprobs, "num_tokens": len(sample.token_ids),
-                    "finish_reason": sample.finish_reason, "temperature": config.temperature,
-                    "top_p": config.top_p, "seed": seed, "backend": config.backend,
-                }
-                for name, value in values.items():
-                    columns[name].append(value)
-            advance(len(samples))
+    table = sample_rollouts(model, tokenizer, version, chosen, prompt_tokens(run_dir, tokenizer, chosen),
+                            group_size=config.group_size, max_new_tokens=config.max_new_tokens,
+                            temperature=config.temperature, top_p=config.top_p,
+                            seed=shard_seed(config.seed, version, config.shard), batch_size=config.batch_size,
+                            backend=config.backend, description=f"generate v{version} shard {config.shard}")
     seconds = time.perf_counter() - started
-    write_table(path, "rollouts", pa.table(columns, schema=SCHEMAS["rollouts"]))
-    tokens = sum(columns["num_tokens"])
-    rows = len(columns["num_tokens"])
+    write_table(path, "rollouts", table)
+    tokens = sum(table.column("num_tokens").to_pylist())
+    rows = table.num_rows
     return {**summary, "skipped": False, "rows": rows, "tokens": tokens, "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "sequences_per_s": round(rows / seconds, 2)}

@@ -1,0 +1,114 @@
+"""evaluate: held-out accuracy of a policy version — pass@1 (mean over k samples), unbiased pass@k, maj@k.
+
+The default held-out set is the run's own test split (named after its task, e.g. `arith`); `--dataset`
+names a bundled dataset (gsm8k, math500, aime24, aime25, amc23), whose test split is built with the run's
+tokenizer. Per-sample rows go to evals/version=V/<dataset>.parquet (the `evals` view of `roll sql`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.metrics import majority_correct, pass_at_k
+from roll.store import Run, write_table
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: Path  # run directory
+    version: int | None = None  # policy version; None = the latest committed
+    dataset: str | None = None  # bundled dataset name; None = the run's own test split
+    k: int = 4  # samples per prompt
+    temperature: float = 1.0  # sampling temperature; 0 = greedy (then k samples are identical)
+    top_p: float = 1.0  # nucleus mass kept
+    max_new_tokens: int = 48  # completion length limit
+    limit: int | None = None  # evaluate only the first N prompts (None = all)
+    batch_size: int = 256  # sequences per forward pass
+    seed: int = 0  # sampling seed
+    timeout: float = 5.0  # verifier bound per answer, seconds
+    device: str = "auto"  # auto, cpu or cuda
+    force: bool = False  # re-evaluate a committed version/dataset
+
+
+def held_out_prompts(run: Run, dataset: str | None, tokenizer) -> tuple[str, list[dict]]:
+    """(dataset name, test prompts as rows) for the run's test split or a bundled dataset."""
+    if dataset is None:
+        rows = [r for r in run.read_prompts().to_pylist() if r["split"] == "test"]
+        if not rows:
+            raise RollError(f"{run.prompts_path}: no prompts in the test split; pass --dataset")
+        return rows[0]["task"], rows
+    from roll.datasets import DATASETS, dataset_rows
+
+    if dataset not in DATASETS:
+        raise RollError(f"unknown dataset '{dataset}' (choose from: {', '.join(DATASETS)})")
+    rows = [r for r in dataset_rows(dataset, tokenizer) if r["split"] == "test"]
+    return dataset, rows
+
+
+def run(config: EvaluateConfig) -> dict:
+    """Sample k completions per held-out prompt, verify them, commit per-sample rows, return the metrics."""
+    import pyarrow as pa
+    import torch
+
+    from roll.policy import encode_prompts, load_policy, pick_device
+    from roll.progress import progress_bar
+    from roll.sampling import sample_batch
+    from roll.store import SCHEMAS, read_table
+    from roll.verifiers import make_verifier, verifier_for_task
+
+    if config.k < 1:
+        raise RollError(f"--k {config.k}: must be at least 1")
+    run_dir = Run(config.run)
+    version = run_dir.latest_policy_version() if config.version is None else config.version
+    model, tokenizer = load_policy(run_dir.require_policy(version), pick_device(config.device))
+    name, rows = held_out_prompts(run_dir, config.dataset, tokenizer)
+    rows = rows[: config.limit] if config.limit else rows
+    path = run_dir.eval_path(version, name)
+    if path.exists() and not config.force:
+        # summarise the committed file instead of sampling again
+        return {**summarise(read_table(path, "evals").to_pylist(), config.k), "version": version,
+                "dataset": name, "path": str(path), "skipped": True}
+
+    started = time.perf_counter()
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
+    generator = torch.Generator().manual_seed(config.seed)
+    per_batch = max(1, config.batch_size // config.k)
+    samples = []
+    with progress_bar(f"evaluate v{version} on {name}", len(rows) * config.k, "sequences") as advance:
+        for start in range(0, len(rows), per_batch):
+            batch = [ids for ids in prompt_ids[start:start + per_batch] for _ in range(config.k)]
+            samples += sample_batch(model, batch, max_new_tokens=config.max_new_tokens,
+                                    temperature=config.temperature, top_p=config.top_p,
+                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                    generator=generator)
+            advance(len(batch))
+    completions = [tokenizer.decode([t for t in s.token_ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
+                   for s in samples]
+    answers = [r["answer"] for r in rows for _ in range(config.k)]
+    with make_verifier(verifier_for_task(rows[0]["task"]), timeout_s=config.timeout) as verifier:
+        verdicts = verifier.verify_many(completions, answers)
+    records = [{"policy_version": version, "dataset": name, "prompt_id": rows[i // config.k]["prompt_id"],
+                "sample_index": i % config.k, "correct": v.correct, "extracted_answer": v.extracted_answer,
+                "num_tokens": len(s.token_ids)} for i, (v, s) in enumerate(zip(verdicts, samples))]
+    write_table(path, "evals", pa.Table.from_pylist(records, schema=SCHEMAS["evals"]))
+    return {**summarise(records, config.k), "version": version, "dataset": name,
+            "path": str(path), "skipped": False, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def summarise(records: list[dict], k: int) -> dict:
+    """pass@1, pass@k and maj@k over prompts, from per-sample rows."""
+    by_prompt: dict[str, list[dict]] = {}
+    for record in records:
+        by_prompt.setdefault(record["prompt_id"], []).append(record)
+    n_prompts = len(by_prompt)
+    groups = list(by_prompt.values())
+    k = min(k, min(len(g) for g in groups))
+    return {
+        "prompts": n_prompts, "k": k,
+        "pass@1": round(sum(sum(r["correct"] for r in g) / len(g) for g in groups) / n_prompts, 4),
+        f"pass@{k}": round(sum(pass_at_k(len(g), sum(r["correct"] for r in g), k) for g in groups) / n_prompts, 4),
+        f"maj@{k}": round(sum(majority_correct([r["extracted_answer"] for r in g], [r["correct"] for r in g])
+                              for g in groups) / n_prompts, 4),
+    }

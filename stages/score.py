@@ -1,0 +1,117 @@
+"""score: teacher-forced log-probs of each completion under its behaviour checkpoint and under π_ref.
+
+`trainer_logprobs` are the behaviour checkpoint's log-probs recomputed with training numerics (a batched,
+right-padded full forward pass, the same code the trainer differentiates), of the same sampling
+distribution the sampler used (temperature, then top-p); `mismatch_max_abs` and `mismatch_kl` measure how
+far they sit from the sampler's own `behaviour_logprobs`. `ref_logprobs` are π_ref's (version 0) at the
+sampling temperature. Group statistics (size, mean and std of reward per prompt) come from the verdicts.
+Score shards mirror rollout shards, like verify's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.store import Run, Shard, write_table
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    run: Path  # run directory
+    versions: tuple[int, ...] | None = None  # behaviour versions to score; None = every version with rollouts
+    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout shards with index ≡ i (mod N)
+    batch_size: int = 64  # sequences per forward pass
+    device: str = "auto"  # auto, cpu or cuda
+    force: bool = False  # re-score committed shards
+
+
+def score_rows(model, rows: list[dict], batch_size: int, top_p_override: float | None = None):
+    """Per-row teacher-forced log-prob lists, batched by length so little compute goes to padding."""
+    import torch
+
+    from roll.sampling import completion_logprobs
+
+    out: list[list[float] | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_token_ids"]) + len(rows[i]["token_ids"]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            # rows of one shard share their sampler settings; group by them anyway to stay correct
+            for key in {(rows[i]["temperature"], rows[i]["top_p"]) for i in batch}:
+                part = [i for i in batch if (rows[i]["temperature"], rows[i]["top_p"]) == key]
+                top_p = key[1] if top_p_override is None else top_p_override
+                lp, mask = completion_logprobs(model, [rows[i]["prompt_token_ids"] for i in part],
+                                               [rows[i]["token_ids"] for i in part], key[0], top_p)
+                for j, i in enumerate(part):
+                    out[i] = lp[j][mask[j]].tolist()
+    return out
+
+
+def group_stats(verdicts) -> dict[str, tuple[int, float, float]]:
+    """prompt_id → (group size, mean reward, population std of reward)."""
+    import statistics
+
+    rewards: dict[str, list[float]] = {}
+    for pid, reward in zip(verdicts.column("prompt_id").to_pylist(), verdicts.column("reward").to_pylist()):
+        rewards.setdefault(pid, []).append(reward)
+    return {pid: (len(r), statistics.fmean(r), statistics.pstdev(r)) for pid, r in rewards.items()}
+
+
+def run(config: ScoreConfig) -> dict:
+    """Score every pending rollout shard; returns rows, worst mismatch and seconds."""
+    import math
+
+    import pyarrow as pa
+
+    from roll.policy import load_policy, pick_device
+    from roll.progress import progress_bar
+    from roll.stages.verify import pending_shards, selected_versions
+    from roll.store import SCHEMAS, read_table
+
+    run_dir = Run(config.run)
+    todo = pending_shards(run_dir, "scores", selected_versions(run_dir, config.versions), config.shard, config.force)
+    summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "mismatch_max_abs": 0.0}
+    if not todo:
+        return summary
+    device = pick_device(config.device)
+    started = time.perf_counter()
+    ref_model, _ = load_policy(run_dir.require_policy(0), device)
+    models = {0: ref_model}
+    with progress_bar("score", len(todo), "shards") as advance:
+        for version, name, path in todo:
+            verdict_path = run_dir.version_dir("verdicts", version) / name
+            if not verdict_path.exists():
+                raise RollError(f"{verdict_path}: missing; run `roll verify` before `roll score`")
+            rollouts = read_table(path, "rollouts")
+            stats = group_stats(read_table(verdict_path, "verdicts"))
+            if version not in models:
+                models = {0: ref_model, version: load_policy(run_dir.require_policy(version), device)[0]}
+            rows = rollouts.to_pylist()
+            trainer = score_rows(models[version], rows, config.batch_size)
+            ref = score_rows(ref_model, rows, config.batch_size, top_p_override=1.0)
+            columns = {column: [] for column in SCHEMAS["scores"].names}
+            for row, t_lp, r_lp in zip(rows, trainer, ref):
+                diffs = [t - b for t, b in zip(t_lp, row["behaviour_logprobs"])]
+                if row["prompt_id"] not in stats:
+                    raise RollError(f"{verdict_path}: no verdict for prompt_id '{row['prompt_id']}'")
+                size, mean, std = stats[row["prompt_id"]]
+                values = {
+                    "policy_version": row["policy_version"], "prompt_id": row["prompt_id"],
+                    "sample_index": row["sample_index"], "behaviour_logprob_sum": sum(t_lp),
+                    "ref_logprob_sum": sum(r_lp), "mismatch_max_abs": max(map(abs, diffs), default=0.0),
+                    # k3 estimator of KL(π_sampler ‖ π_trainer) per token, averaged over the completion
+                    "mismatch_kl": sum(math.exp(d) - 1 - d for d in diffs) / max(len(diffs), 1),
+                    "trainer_logprobs": t_lp, "ref_logprobs": r_lp,
+                    "group_size": size, "group_reward_mean": mean, "group_reward_std": std,
+                }
+                for column, value in values.items():
+                    columns[column].append(value)
+            write_table(run_dir.version_dir("scores", version) / name, "scores",
+                        pa.table(columns, schema=SCHEMAS["scores"]))
+            summary["rows"] += len(rows)
+            summary["mismatch_max_abs"] = max(summary["mismatch_max_abs"], max(columns["mismatch_max_abs"], default=0.0))
+            advance()
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary

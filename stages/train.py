@@ -1,0 +1,286 @@
+"""train: one update v → v+1 with the chosen objective on rollouts of a chosen staleness (DESIGN §2, §3.1).
+
+    select   rows of behaviour versions [v − L − W + 1, v − L] (clamped at 0) through DuckDB
+    prepare  verify and score any selected version that lacks them (said in one line each)
+    advantage per group of G samples of one prompt, from the objective's registry entry
+    optimise epochs × mini-batches of the rows, gradient accumulation over micro-batches
+    commit   train/version=v+1/{steps,groups}.parquet, then policies/v(v+1)/ (policy.json last)
+
+Per step it records loss, token entropy of π_θ, KL(π_b‖π_θ) (k3), raw ratio min/mean/max, clip fraction,
+ESS of the sequence weights e^Δ, grad norm, lr, tokens and wall time; per group the Lambert analysis of
+its advantages at β (m, k, regime, entropies of the induced and Boltzmann targets) with its lag. π_θ
+log-probs are computed at the temperature that produced each sample (no top-p, as verl and TRL do).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.objectives import OBJECTIVES, ObjectiveConfig
+from roll.store import Run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run: Path  # run directory
+    objective: str = "stable-pess"  # one of roll.objectives.OBJECTIVES
+    version: int | None = None  # policy version to update; None = the latest committed
+    lag: int = 0  # L: update v → v+1 reads behaviour versions up to v − L
+    window: int = 1  # W: … and the W versions ending there
+    beta: float = 0.1  # β of the regression objectives and the Lambert diagnostics
+    beta1: float = 0.2  # β₁ of oapl's and apo's soft value
+    shift: float = 1.0  # s of stable-pess (baseline shift in units of β)
+    clip_low: float = 0.2  # PPO ε_low
+    clip_high: float = 0.2  # PPO ε_high / CISPO cap
+    kl_ref: float = 0.0  # weight of the k3 KL-to-π_ref term (ppo, cispo, pg)
+    adv_norm: str = "std"  # ppo/cispo advantage normalisation: std or none
+    lr: float = 1e-3  # AdamW learning rate
+    epochs: int = 1  # passes over the selected rows
+    mini_batch: int = 512  # completions per optimiser step
+    micro_batch: int = 64  # completions per forward/backward (gradient accumulation)
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    seed: int = 0  # row shuffling
+    device: str = "auto"  # auto, cpu or cuda
+    force: bool = False  # retrain v+1 even if it exists
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(beta=self.beta, beta1=self.beta1, shift=self.shift, clip_low=self.clip_low,
+                               clip_high=self.clip_high, kl_ref=self.kl_ref, adv_norm=self.adv_norm)
+
+
+def check_config(config: TrainConfig) -> None:
+    if config.objective not in OBJECTIVES:
+        raise RollError(f"unknown objective '{config.objective}' (choose from: {', '.join(OBJECTIVES)})")
+    for name in ("beta", "beta1", "lr"):
+        if not getattr(config, name) > 0:
+            raise RollError(f"--{name} {getattr(config, name)}: must be > 0")
+    if config.lag < 0 or config.window < 1:
+        raise RollError(f"--lag {config.lag} --window {config.window}: need lag >= 0 and window >= 1")
+    if config.epochs < 1 or config.mini_batch < 1 or config.micro_batch < 1:
+        raise RollError("--epochs, --mini-batch and --micro-batch must be at least 1")
+    if config.adv_norm not in ("std", "none"):
+        raise RollError(f"--adv-norm '{config.adv_norm}': choose std or none")
+
+
+def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
+    """Behaviour versions [v − L − W + 1, v − L] read by update v → v+1, clamped at 0 (DESIGN §3.1)."""
+    return max(0, version - lag - window + 1), max(0, version - lag)
+
+
+def prepare(run: Run, versions: list[int]) -> None:
+    """Verify and score the selected versions that lack verdicts or scores, saying so in one line each."""
+    from roll.stages import score, verify
+    from roll.store import Shard
+
+    for table, stage, config in (("verdicts", verify, verify.VerifyConfig), ("scores", score, score.ScoreConfig)):
+        todo = sorted({v for v, _, _ in verify.pending_shards(run, table, versions, Shard(0, 1), False)})
+        if todo:
+            print(f"roll: {table} missing for version(s) {', '.join(map(str, todo))}; running {stage.__name__.split('.')[-1]}",
+                  file=sys.stderr)
+            stage.run(config(run=run.root, versions=tuple(todo)))
+
+
+def load_rows(run: Run, lo: int, hi: int) -> list[dict]:
+    """Every sample of behaviour versions lo…hi with its reward and scores, checked complete and finite."""
+    from roll.store import named_query
+
+    rows = named_query(run, "window_samples", lo=lo, hi=hi)
+    for row in rows:
+        where = f"version {row['policy_version']}, prompt {row['prompt_id']}, sample {row['sample_index']}"
+        if row["reward"] is None or row["trainer_logprobs"] is None:
+            raise RollError(f"{run.root}: {where} has no verdict or score")
+        if not math.isfinite(row["reward"]):
+            raise RollError(f"{run.root}: {where} has reward {row['reward']}; rewards must be finite")
+    return rows
+
+
+def steps_since(run: Run, data_version: int, version: int) -> int:
+    """Optimiser steps taken from behaviour version `data_version` up to policy `version`."""
+    from roll.store import named_query
+
+    return named_query(run, "optimizer_steps_between", lo=data_version, hi=version)[0]["steps"]
+
+
+def run(config: TrainConfig) -> dict:
+    """Train v → v+1; returns a summary (version, rows, steps, loss, regimes, seconds)."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from roll import lambert
+    from roll.objectives import Batch
+    from roll.policy import load_policy, pick_device, save_policy
+    from roll.progress import progress_bar
+    from roll.sampling import completion_logprobs
+    from roll.store import SCHEMAS, write_table
+
+    check_config(config)
+    run_dir = Run(config.run)
+    version = run_dir.latest_policy_version() if config.version is None else config.version
+    run_dir.require_policy(version)
+    new_version = version + 1
+    if new_version in run_dir.policy_versions() and not config.force:
+        return {"run": str(run_dir.root), "version": new_version, "skipped": True}
+    lo, hi = data_window(version, config.lag, config.window)
+    data_versions = [v for v in run_dir.versions("rollouts") if lo <= v <= hi]
+    if not data_versions:
+        raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {new_version} holds no "
+                        f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
+                        f"run `roll generate --version {hi}`)")
+    prepare(run_dir, data_versions)
+    rows = load_rows(run_dir, lo, hi)
+    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
+    started = time.perf_counter()
+
+    # advantages and Lambert diagnostics, per group (one prompt's samples from one behaviour version)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row["policy_version"], row["prompt_id"]), []).append(i)
+    ref_values = reference_values(run_dir, rows, config) if config.objective == "apo" else {}
+    advantages = torch.zeros(len(rows), dtype=torch.float64)
+    group_records = []
+    lag_steps = {v: steps_since(run_dir, v, version) for v in data_versions}
+    for (data_version, prompt_id), members in groups.items():
+        rewards = torch.tensor([rows[i]["reward"] for i in members], dtype=torch.float64)
+        adv = objective.advantage(rewards, ocfg, ref_values.get(prompt_id))
+        advantages[members] = adv
+        target = lambert.solve(adv.numpy(), config.beta) if objective.regression else None
+        group_records.append({
+            "policy_version": new_version, "data_version": data_version, "lag": version - data_version,
+            "optimizer_steps": lag_steps[data_version], "prompt_id": prompt_id, "objective": config.objective,
+            "beta": config.beta, "m": target.m if target else math.nan, "k": target.k if target else math.nan,
+            "regime": target.regime if target else "n/a",
+            "induced_entropy": target.induced_entropy if target else math.nan,
+            "boltzmann_entropy": target.boltzmann_entropy if target else math.nan,
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+        })
+
+    device = pick_device(config.device)
+    model, tokenizer = load_policy(run_dir.policy_dir(version), device)
+    model.train()
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    order = list(range(len(rows)))
+    anchor_key = "ref_logprobs" if objective.anchor == "ref" else "trainer_logprobs"
+    step_records = []
+    steps_per_epoch = math.ceil(len(rows) / config.mini_batch)
+    with progress_bar(f"train v{version}->v{new_version} {config.objective}", config.epochs * steps_per_epoch, "steps") as advance:
+        for epoch in range(config.epochs):
+            random.Random(f"{config.seed}/{version}/{epoch}").shuffle(order)
+            for start in range(0, len(order), config.mini_batch):
+                step_started = time.perf_counter()
+                mini = order[start:start + config.mini_batch]
+                mini_tokens = sum(len(rows[i]["token_ids"]) for i in mini)
+                optimizer.zero_grad(set_to_none=True)
+                totals = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip": 0.0, "ratio_sum": 0.0}
+                ratio_min, ratio_max, log_weights = math.inf, -math.inf, []
+                for micro_start in range(0, len(mini), config.micro_batch):
+                    micro = mini[micro_start:micro_start + config.micro_batch]
+                    batch_rows = [rows[i] for i in micro]
+                    logprobs, mask, entropy = completion_logprobs(
+                        model, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
+                        batch_rows[0]["temperature"], 1.0, with_entropy=True)
+                    batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
+                                  ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
+                                  advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
+                    loss, metrics = objective.loss(batch, ocfg)
+                    tokens = int(mask.sum())
+                    share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
+                    (loss * share).backward()
+                    with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
+                        log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
+                        ratio = log_ratio.exp()
+                        totals["loss"] += loss.item() * share
+                        totals["entropy"] += float(entropy[mask].sum())
+                        totals["kl"] += float((ratio - 1 - log_ratio).sum())
+                        totals["clip"] += metrics["clip_fraction"] * tokens
+                        totals["ratio_sum"] += float(ratio.sum())
+                        ratio_min, ratio_max = min(ratio_min, float(ratio.min())), max(ratio_max, float(ratio.max()))
+                        log_weights += ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+                optimizer.step()
+                w = np.exp(np.array(log_weights) - max(log_weights))
+                step_records.append({
+                    "policy_version": new_version, "step": len(step_records), "objective": config.objective,
+                    "loss": totals["loss"], "entropy": totals["entropy"] / mini_tokens,
+                    "kl_behaviour": totals["kl"] / mini_tokens, "clip_fraction": totals["clip"] / mini_tokens,
+                    "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": float(grad_norm),
+                    "lr": config.lr, "tokens": mini_tokens, "seconds": time.perf_counter() - step_started,
+                    "ratio_min": ratio_min, "ratio_mean": totals["ratio_sum"] / mini_tokens, "ratio_max": ratio_max,
+                })
+                advance()
+
+    write_table(run_dir.train_path("steps", new_version), "steps", pa.Table.from_pylist(step_records, schema=SCHEMAS["steps"]))
+    write_table(run_dir.train_path("groups", new_version), "groups", pa.Table.from_pylist(group_records, schema=SCHEMAS["groups"]))
+    meta = {"version": new_version, "parent": version, "objective": config.objective,
+            "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
+            "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records)}
+    save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta)
+    regimes: dict[str, int] = {}
+    for g in group_records:
+        regimes[g["regime"]] = regimes.get(g["regime"], 0) + 1
+    ks = [g["k"] for g in group_records if not math.isnan(g["k"])]
+    return {"run": str(run_dir.root), "version": new_version, "skipped": False, "objective": config.objective,
+            "data_versions": data_versions, "rows": len(rows), "groups": len(group_records),
+            "steps": len(step_records), "loss": step_records[-1]["loss"], "regimes": regimes,
+            "k_min": min(ks) if ks else None, "reward_mean": float(np.mean([r["reward"] for r in rows])),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def padded(lists: list[list[float]], mask):
+    """(B, T) tensor of per-token values aligned with `mask`'s completion tokens."""
+    import torch
+
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for row, values in enumerate(lists):
+        out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def reference_values(run: Run, rows: list[dict], config: TrainConfig) -> dict[str, float]:
+    """apo's V* per prompt: β₁·log mean e^{r/β₁} over the prompt's version-0 samples.
+
+    Prompts of later versions have no version-0 samples yet: they are generated from v0 with the same
+    sampler settings and group size, stored as version-0 rollouts (file extra-apo-vNNNN), verified and
+    scored like any other, and reused by later updates.
+    """
+    import torch
+
+    from roll.objectives import soft_value
+    from roll.store import named_query
+
+    prompt_ids = sorted({r["prompt_id"] for r in rows})
+    found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
+    missing = sorted(set(prompt_ids) - {record["prompt_id"] for record in found})
+    if missing:
+        supplement_version0(run, missing, rows, tag=f"apo-v{rows[0]['policy_version']:04d}-{len(missing)}")
+        found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
+    rewards: dict[str, list[float]] = {}
+    for record in found:
+        rewards.setdefault(record["prompt_id"], []).append(record["reward"])
+    return {pid: float(soft_value(torch.tensor(r, dtype=torch.float64), config.beta1)) for pid, r in rewards.items()}
+
+
+def supplement_version0(run: Run, prompt_ids: list[str], rows: list[dict], tag: str) -> None:
+    """Sample version-0 completions for `prompt_ids` with the sampler settings of `rows`; verify and score them."""
+    from roll.policy import load_policy, pick_device
+    from roll.stages.generate import prompt_tokens, sample_rollouts
+    from roll.store import write_table
+
+    print(f"roll: apo needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
+    group = max(Counter((r["policy_version"], r["prompt_id"]) for r in rows).values())
+    model, tokenizer = load_policy(run.policy_dir(0), pick_device("auto"))
+    table = sample_rollouts(model, tokenizer, 0, prompt_ids, prompt_tokens(run, tokenizer, prompt_ids),
+                            group_size=group, max_new_tokens=rows[0]["max_new_tokens"],
+                            temperature=rows[0]["temperature"], top_p=rows[0]["top_p"],
+                            seed=int(hashlib.sha256(tag.encode()).hexdigest()[:12], 16), batch_size=256, backend="hf",
+                            description="generate v0 for apo")
+    write_table(run.extra_path("rollouts", 0, tag), "rollouts", table)
+    prepare(run, [0])

@@ -1,0 +1,115 @@
+"""verify: extract each completion's final answer, compare it with the ground truth, commit verdicts.
+
+Verdict shards mirror rollout shards (rollouts part-i-of-N → verdicts part-i-of-N), so `--shard j/M` of a
+Slurm array takes the rollout shards whose index is j modulo M, and a rerun skips committed verdicts.
+Reward is 1 for a correct answer, else 0, minus `format_penalty` when no final answer could be found.
+Model output is never evaluated as code; a verifier that hangs is timed out and recorded as an error.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.store import Run, Shard, write_table
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    run: Path  # run directory
+    versions: tuple[int, ...] | None = None  # behaviour versions to verify; None = every version with rollouts
+    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout shards with index ≡ i (mod N)
+    verifier: str | None = None  # "arith" or "math"; None = chosen from each prompt's task
+    timeout: float = 5.0  # hard bound in seconds on one answer's check
+    workers: int = 2  # verifier worker processes (math only)
+    format_penalty: float = 0.0  # subtracted from the reward when no final answer is found
+    force: bool = False  # re-verify committed shards
+
+
+def pending_shards(run: Run, table: str, versions, shard: Shard, force: bool) -> list[tuple[int, str, Path]]:
+    """(version, file name, rollouts path) of rollout files whose mirror in `table` is missing.
+
+    A partition shard part-i-of-N belongs to `--shard j/M` when i ≡ j (mod M); extra files go to j = 0.
+    """
+    todo = []
+    for version in versions:
+        for name, path in run.files("rollouts", version).items():
+            index = int(name[5:10]) if name.startswith("part-") else 0
+            if index % shard.count != shard.index:
+                continue
+            if force or not (run.version_dir(table, version) / name).exists():
+                todo.append((version, name, path))
+    return todo
+
+
+def selected_versions(run: Run, versions) -> list[int]:
+    have = run.versions("rollouts")
+    if versions is None:
+        return have
+    missing = [v for v in versions if v not in have]
+    if missing:
+        raise RollError(f"{run.root}: no rollouts for version(s) {', '.join(map(str, missing))} (have: "
+                        f"{', '.join(map(str, have)) or 'none'})")
+    return list(versions)
+
+
+def run(config: VerifyConfig) -> dict:
+    """Verify every pending rollout shard; returns rows, accuracy, errors and seconds."""
+    import pyarrow as pa
+
+    from roll.progress import progress_bar
+    from roll.store import SCHEMAS, read_table
+    from roll.verifiers import make_verifier, verifier_for_task
+
+    run_dir = Run(config.run)
+    todo = pending_shards(run_dir, "verdicts", selected_versions(run_dir, config.versions), config.shard, config.force)
+    summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "correct": 0, "errors": 0}
+    if not todo:
+        return summary
+    prompts = run_dir.read_prompts()
+    answer = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist()))
+    task = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("task").to_pylist()))
+    started = time.perf_counter()
+    verifiers = {}
+    try:
+        tables = [(version, name, read_table(path, "rollouts")) for version, name, path in todo]
+        total = sum(t.num_rows for _, _, t in tables)
+        with progress_bar("verify", total) as advance:
+            for version, name, rollouts in tables:
+                ids = rollouts.column("prompt_id").to_pylist()
+                completions = rollouts.column("completion").to_pylist()
+                unknown = sorted(set(ids) - answer.keys())
+                if unknown:
+                    raise RollError(f"{run_dir.version_dir('rollouts', version) / name}: prompt_id '{unknown[0]}' "
+                                    f"is not in {run_dir.prompts_path}")
+                kinds = [config.verifier or verifier_for_task(task[pid]) for pid in ids]
+                verdicts = [None] * len(ids)
+                for kind in sorted(set(kinds)):
+                    if kind not in verifiers:
+                        verifiers[kind] = make_verifier(kind, timeout_s=config.timeout, workers=config.workers)
+                    rows = [i for i, n in enumerate(kinds) if n == kind]
+                    for i, verdict in zip(rows, verifiers[kind].verify_many([completions[i] for i in rows],
+                                                                            [answer[ids[i]] for i in rows])):
+                        verdicts[i] = verdict
+                rewards = [(1.0 if v.correct else 0.0) - (0.0 if v.format_ok else config.format_penalty)
+                           for v in verdicts]
+                table = pa.table({
+                    "policy_version": rollouts.column("policy_version"), "prompt_id": rollouts.column("prompt_id"),
+                    "sample_index": rollouts.column("sample_index"), "reward": rewards,
+                    "correct": [v.correct for v in verdicts], "extracted_answer": [v.extracted_answer for v in verdicts],
+                    "format_ok": [v.format_ok for v in verdicts],
+                    "verifier": [f"{verifiers[n].name} {verifiers[n].version}" for n in kinds],
+                    "milliseconds": [v.milliseconds for v in verdicts], "error": [v.error for v in verdicts],
+                }, schema=SCHEMAS["verdicts"])
+                write_table(run_dir.version_dir("verdicts", version) / name, "verdicts", table)
+                summary["rows"] += len(verdicts)
+                summary["correct"] += sum(v.correct for v in verdicts)
+                summary["errors"] += sum(bool(v.error) for v in verdicts)
+                advance(len(verdicts))
+    finally:
+        for verifier in verifiers.values():
+            verifier.close()
+    summary["accuracy"] = round(summary["correct"] / summary["rows"], 4) if summary["rows"] else None
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
