@@ -88,8 +88,12 @@ def _file_rows(path: Path) -> list[dict]:
         where = "row"
     else:
         records = []
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise RollError(f"{path}: line {number} is not valid UTF-8 (byte {exc.start})") from None
                 if not line.strip():
                     continue
                 try:
