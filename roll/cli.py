@@ -109,22 +109,37 @@ def warmstart(out, seed, steps, batch_size, lr, eval_every, eval_prompts, target
     print_summary(summary)
 
 
+def options(*decorators):
+    """Apply a group of click options written once (STYLE: shared option groups)."""
+    def apply(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return apply
+
+
+SAMPLING_OPTIONS = options(
+    click.option("--prompts", default=64, help="Train prompts drawn per version (across all shards)."),
+    click.option("--group-size", default=8, help="Completions per prompt (G)."),
+    click.option("--max-new-tokens", default=48, help="Completion length limit."),
+    click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy."),
+    click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off)."),
+    click.option("--batch-size", default=256, help="Sequences per forward pass while sampling."),
+)
+
+GENERATE_FIELDS = ("prompts", "group_size", "max_new_tokens", "temperature", "top_p", "batch_size")
+
+
 @cli.command()
 @run_option
 @version_option
-@click.option("--prompts", default=64, help="Train prompts drawn for this version (across all shards).")
-@click.option("--group-size", default=8, help="Completions per prompt (G).")
-@click.option("--max-new-tokens", default=48, help="Completion length limit.")
-@click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off).")
+@SAMPLING_OPTIONS
 @seed_option
 @shard_option
-@click.option("--batch-size", default=256, help="Sequences per forward pass.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", help="Generation engine.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--force", is_flag=True, help="Regenerate a shard that is already committed.")
-def generate(run_path, version, prompts, group_size, max_new_tokens, temperature, top_p, seed, shard,
-             batch_size, backend, device, force):
+def generate(run_path, version, seed, shard, backend, device, force, **sampling):
     """Sample G completions per prompt from a policy version into rollouts/version=V/.
 
     A committed shard is skipped unless --force.
@@ -138,10 +153,8 @@ def generate(run_path, version, prompts, group_size, max_new_tokens, temperature
     from roll.store import Shard
 
     parsed = Shard.parse(shard)  # refuse a bad --shard before creating anything
-    config = GenerateConfig(run=ensure_run(run_path).root, version=version, prompts=prompts,
-                            group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed, shard=parsed, batch_size=batch_size, backend=backend,
-                            device=device, force=force)
+    config = GenerateConfig(run=ensure_run(run_path).root, version=version, seed=seed, shard=parsed,
+                            backend=backend, device=device, force=force, **sampling)
     print_summary(run_generate(config))
 
 
@@ -200,30 +213,33 @@ def score(run_path, versions, shard, batch_size, device, force):
                                         batch_size=batch_size, device=device, force=force)))
 
 
+TRAINING_OPTIONS = options(
+    click.option("--objective", default="stable-pess", help="ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess."),
+    click.option("--lag", default=0, help="L: update v -> v+1 reads behaviour versions up to v - L."),
+    click.option("--window", default=1, help="W: the number of behaviour versions read, ending at v - L."),
+    click.option("--beta", default=0.1, help="β: KL temperature of the regression objectives and the Lambert diagnostics."),
+    click.option("--beta1", default=0.2, help="β₁: temperature of the soft value in oapl and apo."),
+    click.option("--shift", default=1.0, help="s: stable-pess baseline shift, in units of β."),
+    click.option("--clip-low", default=0.2, help="PPO ε_low."),
+    click.option("--clip-high", default=0.2, help="PPO ε_high (and the CISPO weight cap 1 + ε_high)."),
+    click.option("--kl-ref", default=0.0, help="Weight of the k3 KL-to-π_ref term (ppo, cispo, pg)."),
+    click.option("--adv-norm", type=click.Choice(["std", "none"]), default="std", help="ppo/cispo advantage normalisation."),
+    click.option("--lr", default=1e-3, help="AdamW learning rate."),
+    click.option("--epochs", default=1, help="Passes over the selected rows per update."),
+    click.option("--mini-batch", default=512, help="Completions per optimiser step."),
+    click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation)."),
+    click.option("--grad-clip", default=1.0, help="Max global gradient norm (0 = off)."),
+)
+
+
 @cli.command()
 @run_option
-@click.option("--objective", default="stable-pess",
-              help="ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.")
 @version_option
-@click.option("--lag", default=0, help="L: update v -> v+1 reads behaviour versions up to v - L.")
-@click.option("--window", default=1, help="W: the number of behaviour versions read, ending at v - L.")
-@click.option("--beta", default=0.1, help="β: KL temperature of the regression objectives and the Lambert diagnostics.")
-@click.option("--beta1", default=0.2, help="β₁: temperature of the soft value in oapl and apo.")
-@click.option("--shift", default=1.0, help="s: stable-pess baseline shift, in units of β.")
-@click.option("--clip-low", default=0.2, help="PPO ε_low.")
-@click.option("--clip-high", default=0.2, help="PPO ε_high (and the CISPO weight cap 1 + ε_high).")
-@click.option("--kl-ref", default=0.0, help="Weight of the k3 KL-to-π_ref term (ppo, cispo, pg).")
-@click.option("--adv-norm", type=click.Choice(["std", "none"]), default="std", help="ppo/cispo advantage normalisation.")
-@click.option("--lr", default=1e-3, help="AdamW learning rate.")
-@click.option("--epochs", default=1, help="Passes over the selected rows.")
-@click.option("--mini-batch", default=512, help="Completions per optimiser step.")
-@click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation).")
-@click.option("--grad-clip", default=1.0, help="Max global gradient norm (0 = off).")
+@TRAINING_OPTIONS
 @seed_option
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--force", is_flag=True, help="Retrain version v+1 even if it exists.")
-def train(run_path, objective, version, lag, window, beta, beta1, shift, clip_low, clip_high, kl_ref, adv_norm,
-          lr, epochs, mini_batch, micro_batch, grad_clip, seed, device, force):
+def train(run_path, version, seed, device, force, **training):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
     Runs verify and score first on selected versions that lack them.
@@ -235,12 +251,43 @@ def train(run_path, objective, version, lag, window, beta, beta1, shift, clip_lo
     from roll.runs import ensure_run
     from roll.stages.train import TrainConfig, run as run_train
 
-    config = TrainConfig(run=ensure_run(run_path).root, objective=objective, version=version, lag=lag,
-                         window=window, beta=beta, beta1=beta1, shift=shift, clip_low=clip_low,
-                         clip_high=clip_high, kl_ref=kl_ref, adv_norm=adv_norm, lr=lr, epochs=epochs,
-                         mini_batch=mini_batch, micro_batch=micro_batch, grad_clip=grad_clip, seed=seed,
-                         device=device, force=force)
+    config = TrainConfig(run=ensure_run(run_path).root, version=version, seed=seed, device=device, force=force,
+                         **training)
     print_summary(run_train(config))
+
+
+@cli.command()
+@run_option
+@click.option("--iterations", default=20, help="Updates to reach (the run ends at policy version N).")
+@SAMPLING_OPTIONS
+@TRAINING_OPTIONS
+@click.option("--eval-every", default=5, help="Evaluate every E versions (and the last); 0 = never.")
+@click.option("--eval-k", default=4, help="Samples per held-out prompt.")
+@click.option("--eval-limit", type=int, default=None, help="Held-out prompts per evaluation. [default: all]")
+@seed_option
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+def iterate(run_path, iterations, eval_every, eval_k, eval_limit, seed, device, **options_):
+    """Run generate -> verify -> score -> train -> evaluate for N iterations with the lag of --lag/--window.
+
+    Rerunning the same command after a crash resumes where it stopped.
+
+    \b
+    Example:
+      roll iterate --iterations 20 --objective stable-pess --lag 2
+    """
+    from roll.pipeline.iterate import IterateConfig, run as run_iterate
+    from roll.runs import ensure_run
+    from roll.stages.generate import GenerateConfig
+    from roll.stages.train import TrainConfig
+
+    root = ensure_run(run_path).root
+    sampling = {k: v for k, v in options_.items() if k in GENERATE_FIELDS}
+    training = {k: v for k, v in options_.items() if k not in GENERATE_FIELDS}
+    config = IterateConfig(run=root, iterations=iterations, eval_every=eval_every, eval_k=eval_k,
+                           eval_limit=eval_limit,
+                           generate=GenerateConfig(run=root, seed=seed, device=device, **sampling),
+                           train=TrainConfig(run=root, seed=seed, device=device, **training))
+    print_summary(run_iterate(config))
 
 
 @cli.command()
@@ -295,6 +342,104 @@ def lambert(advantages, rewards, objective, beta, beta1, shift, run_path, data_v
 
     show(advantages=advantages, rewards=rewards, objective=objective, beta=beta, beta1=beta1, shift=shift,
          run_path=run_path, data_version=data_version, prompt_id=prompt_id)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sweep"), help="Parent directory of the runs.")
+@click.option("--objectives", default="ppo,pg,oapl,pmd-mean,stable-pess", help="Comma-separated objectives.")
+@click.option("--lags", default="0,2,4,8", help="Comma-separated lags L.")
+@click.option("--seeds", default="0,1,2", help="Comma-separated seeds.")
+@click.option("--iterations", default=20, help="Updates per run.")
+@click.option("--eval-every", default=5, help="Evaluate every E versions (and the last).")
+@click.option("--eval-k", default=4, help="Samples per held-out prompt.")
+@click.option("--eval-limit", type=int, default=None, help="Held-out prompts per evaluation. [default: all]")
+@click.option("--model", default=None, help="Checkpoint for v0. [default: the embedded model]")
+@SAMPLING_OPTIONS
+@TRAINING_OPTIONS
+def sweep(out, objectives, lags, seeds, iterations, eval_every, eval_k, eval_limit, model, **options_):
+    """Run objective x lag x seed as separate runs, then `roll report` over them all (out/report/).
+
+    --objective and --lag given here are ignored: the grid sets them.
+
+    \b
+    Example:
+      roll sweep --objectives ppo,stable-pess --lags 0,4 --seeds 0 --iterations 10
+    """
+    from roll.pipeline.iterate import IterateConfig
+    from roll.pipeline.sweep import SweepConfig, run as run_sweep
+    from roll.stages.generate import GenerateConfig
+    from roll.stages.train import TrainConfig
+
+    def numbers(text):
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    sampling = {k: v for k, v in options_.items() if k in GENERATE_FIELDS}
+    training = {k: v for k, v in options_.items() if k not in GENERATE_FIELDS}
+    loop = IterateConfig(run=out, iterations=iterations, eval_every=eval_every, eval_k=eval_k, eval_limit=eval_limit,
+                         generate=GenerateConfig(run=out, **sampling), train=TrainConfig(run=out, **training))
+    config = SweepConfig(out=out, objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
+                         lags=numbers(lags), seeds=numbers(seeds), iterate=loop, model=model)
+    print_summary(run_sweep(config))
+
+
+@cli.command()
+@click.option("--run", "runs", type=click.Path(path_type=Path), multiple=True,
+              help="Run directory to include (repeatable). [default: $ROLL_RUN, else ./runs/default]")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report"), help="Directory for the PNGs and summary.md.")
+def report(runs, out):
+    """Plots (PNG) and a markdown summary over one or several runs: pass@1, entropy, KL, regimes by lag.
+
+    \b
+    Example:
+      roll report --run runs/ppo-lag4 --run runs/stable-pess-lag4 --out report/
+    """
+    from roll.pipeline.report import ReportConfig, run as run_report
+    from roll.runs import default_run_path
+
+    print_summary(run_report(ReportConfig(runs=tuple(runs) or (default_run_path(),), out=out)))
+
+
+@cli.group()
+def slurm():
+    """Render Slurm batch scripts (job arrays for generate/verify/score, torchrun for train)."""
+
+
+@slurm.command("render")
+@run_option
+@click.option("--iterations", default=1, help="Updates to render.")
+@click.option("--start", default=0, help="First policy version to train from.")
+@click.option("--array-size", default=4, help="S: tasks per generate/verify/score job array.")
+@click.option("--gpus-per-train", default=0, help="P: GPUs (torchrun processes) for train; 0 = one CPU process.")
+@click.option("--partition", default=None, help="sbatch --partition.")
+@click.option("--account", default=None, help="sbatch --account.")
+@click.option("--time-limit", default="01:00:00", help="sbatch --time for every job.")
+@click.option("--lag", default=0, help="L: train v reads data up to v - L, so generation overlaps training.")
+@click.option("--window", default=1, help="W: behaviour versions per update.")
+@click.option("--generate-args", default="", help="Extra options for roll generate, e.g. '--prompts 128'.")
+@click.option("--train-args", default="", help="Extra options for roll train, e.g. '--objective ppo'.")
+@click.option("--roll", "roll_command", default="roll", help="How the nodes call roll (e.g. a venv's bin/roll).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write the scripts and submit.sh into this folder. [default: print them]")
+def slurm_render(run_path, iterations, start, array_size, gpus_per_train, partition, account, time_limit, lag, window,
+                 generate_args, train_args, roll_command, out):
+    """Print (or write with --out) sbatch scripts for N iterations, chained with --dependency=afterok.
+
+    \b
+    Example:
+      roll slurm render --iterations 4 --array-size 8 --gpus-per-train 2 --lag 1 --out slurm/ && bash slurm/submit.sh
+    """
+    from roll.pipeline.slurm import SlurmConfig, render, write
+    from roll.runs import default_run_path
+
+    config = SlurmConfig(run=(run_path or default_run_path()).resolve(), iterations=iterations, start=start,
+                         array_size=array_size, gpus_per_train=gpus_per_train, partition=partition, account=account,
+                         time_limit=time_limit, lag=lag, window=window, generate_args=generate_args,
+                         train_args=train_args, roll=roll_command)
+    if out:
+        print_summary({"written": [str(p) for p in write(config, out)]})
+    else:
+        for name, text in render(config).items():
+            click.echo(f"# ===== {name}\n{text}")
 
 
 @cli.command()

@@ -1,7 +1,7 @@
 """Tasks: where prompts and their ground-truth answers come from.
 
 The embedded default, `arith`, is a synthetic multi-step arithmetic task with exact integer answers. A
-problem chains 3–4 two-digit operands with + and −; the solved form writes each intermediate result on its
+problem chains 3–4 operands (1–50) with + and −; the solved form writes each intermediate result on its
 own line, so a short written trace helps a small model far more than guessing the total at once:
 
     prompt      Q: 12+7-5+3
@@ -32,15 +32,20 @@ ANSWER_RE = re.compile(r"answer:\s*(-?\d+)\s*$")
 
 
 def arith_problem(rng: random.Random) -> tuple[str, str, str]:
-    """One problem: (expression, solution trace, answer)."""
-    operands = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
-    ops = [rng.choice("+-") for _ in operands[1:]]
-    total, lines = operands[0], []
-    for op, value in zip(ops, operands[1:]):
+    """One problem: (expression, solution trace, answer).
+
+    Operands 1–50; a − is drawn only where the running total stays ≥ 0, so every intermediate result is a
+    non-negative integer below 200 (negative intermediates made the task too hard for a 1.8 M model to
+    reach a useful starting accuracy within minutes of supervised training).
+    """
+    operands = [rng.randint(1, 50) for _ in range(rng.choice((3, 4)))]
+    total, lines, expression = operands[0], [], str(operands[0])
+    for value in operands[1:]:
+        op = rng.choice("+-") if total >= value else "+"
         new = total + value if op == "+" else total - value
         lines.append(f"{total}{op}{value}={new}")
+        expression += f"{op}{value}"
         total = new
-    expression = str(operands[0]) + "".join(f"{op}{v}" for op, v in zip(ops, operands[1:]))
     return expression, "\n".join(lines + [f"answer: {total}"]), str(total)
 
 

@@ -115,10 +115,7 @@ def run(config: TrainConfig) -> dict:
     import torch
 
     from roll import lambert
-    from roll.objectives import Batch
-    from roll.policy import load_policy, pick_device, save_policy
-    from roll.progress import progress_bar
-    from roll.sampling import completion_logprobs
+    from roll.policy import load_policy, save_policy
     from roll.store import SCHEMAS, write_table
 
     check_config(config)
@@ -134,7 +131,10 @@ def run(config: TrainConfig) -> dict:
         raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {new_version} holds no "
                         f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
                         f"run `roll generate --version {hi}`)")
-    prepare(run_dir, data_versions)
+    dist = Distributed.from_env()
+    if dist.is_main:
+        prepare(run_dir, data_versions)
+    dist.barrier()  # every rank reads the same committed verdicts and scores
     rows = load_rows(run_dir, lo, hi)
     objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
     started = time.perf_counter()
@@ -143,6 +143,9 @@ def run(config: TrainConfig) -> dict:
     groups: dict[tuple[int, str], list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault((row["policy_version"], row["prompt_id"]), []).append(i)
+    if config.objective == "apo" and dist.is_main:
+        reference_values(run_dir, rows, config)  # generates any missing version-0 samples, once
+    dist.barrier()
     ref_values = reference_values(run_dir, rows, config) if config.objective == "apo" else {}
     advantages = torch.zeros(len(rows), dtype=torch.float64)
     group_records = []
@@ -162,60 +165,10 @@ def run(config: TrainConfig) -> dict:
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
         })
 
-    device = pick_device(config.device)
-    model, tokenizer = load_policy(run_dir.policy_dir(version), device)
-    model.train()
-    torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    order = list(range(len(rows)))
-    anchor_key = "ref_logprobs" if objective.anchor == "ref" else "trainer_logprobs"
-    step_records = []
-    steps_per_epoch = math.ceil(len(rows) / config.mini_batch)
-    with progress_bar(f"train v{version}->v{new_version} {config.objective}", config.epochs * steps_per_epoch, "steps") as advance:
-        for epoch in range(config.epochs):
-            random.Random(f"{config.seed}/{version}/{epoch}").shuffle(order)
-            for start in range(0, len(order), config.mini_batch):
-                step_started = time.perf_counter()
-                mini = order[start:start + config.mini_batch]
-                mini_tokens = sum(len(rows[i]["token_ids"]) for i in mini)
-                optimizer.zero_grad(set_to_none=True)
-                totals = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip": 0.0, "ratio_sum": 0.0}
-                ratio_min, ratio_max, log_weights = math.inf, -math.inf, []
-                for micro_start in range(0, len(mini), config.micro_batch):
-                    micro = mini[micro_start:micro_start + config.micro_batch]
-                    batch_rows = [rows[i] for i in micro]
-                    logprobs, mask, entropy = completion_logprobs(
-                        model, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
-                        batch_rows[0]["temperature"], 1.0, with_entropy=True)
-                    batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
-                                  ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
-                                  advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
-                    loss, metrics = objective.loss(batch, ocfg)
-                    tokens = int(mask.sum())
-                    share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
-                    (loss * share).backward()
-                    with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
-                        log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
-                        ratio = log_ratio.exp()
-                        totals["loss"] += loss.item() * share
-                        totals["entropy"] += float(entropy[mask].sum())
-                        totals["kl"] += float((ratio - 1 - log_ratio).sum())
-                        totals["clip"] += metrics["clip_fraction"] * tokens
-                        totals["ratio_sum"] += float(ratio.sum())
-                        ratio_min, ratio_max = min(ratio_min, float(ratio.min())), max(ratio_max, float(ratio.max()))
-                        log_weights += ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
-                optimizer.step()
-                w = np.exp(np.array(log_weights) - max(log_weights))
-                step_records.append({
-                    "policy_version": new_version, "step": len(step_records), "objective": config.objective,
-                    "loss": totals["loss"], "entropy": totals["entropy"] / mini_tokens,
-                    "kl_behaviour": totals["kl"] / mini_tokens, "clip_fraction": totals["clip"] / mini_tokens,
-                    "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": float(grad_norm),
-                    "lr": config.lr, "tokens": mini_tokens, "seconds": time.perf_counter() - step_started,
-                    "ratio_min": ratio_min, "ratio_mean": totals["ratio_sum"] / mini_tokens, "ratio_max": ratio_max,
-                })
-                advance()
+    model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device))
+    step_records = optimise(model, rows, advantages, config, version, new_version, dist)
+    if not dist.is_main:  # only rank 0 commits
+        return {"run": str(run_dir.root), "version": new_version, "rank": dist.rank}
 
     write_table(run_dir.train_path("steps", new_version), "steps", pa.Table.from_pylist(step_records, schema=SCHEMAS["steps"]))
     write_table(run_dir.train_path("groups", new_version), "groups", pa.Table.from_pylist(group_records, schema=SCHEMAS["groups"]))
@@ -232,6 +185,138 @@ def run(config: TrainConfig) -> dict:
             "steps": len(step_records), "loss": step_records[-1]["loss"], "regimes": regimes,
             "k_min": min(ks) if ks else None, "reward_mean": float(np.mean([r["reward"] for r in rows])),
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def optimise(model, rows: list[dict], advantages, config: TrainConfig, version: int, new_version: int, dist) -> list[dict]:
+    """epochs × mini-batches of optimiser steps; returns one metrics record per step (reduced over ranks).
+
+    Under torchrun each rank takes every world-th row of each mini-batch; gradients are summed across
+    ranks by DDP (whose mean is undone by scaling the loss by world size), so P ranks take exactly the
+    step one process would take on the same global mini-batch.
+    """
+    import numpy as np
+    import torch
+
+    from roll.objectives import Batch
+    from roll.progress import progress_bar
+    from roll.sampling import completion_logprobs
+
+    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
+    model.train()
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    wrapped = dist.wrap(model)
+    order = list(range(len(rows)))
+    records = []
+    steps_per_epoch = math.ceil(len(rows) / config.mini_batch)
+    with progress_bar(f"train v{version}->v{new_version} {config.objective}", config.epochs * steps_per_epoch,
+                      "steps") as advance:
+        for epoch in range(config.epochs):
+            random.Random(f"{config.seed}/{version}/{epoch}").shuffle(order)
+            for start in range(0, len(order), config.mini_batch):
+                step_started = time.perf_counter()
+                mini = order[start:start + config.mini_batch]
+                mini_tokens = sum(len(rows[i]["token_ids"]) for i in mini)  # global: every rank knows all rows
+                mine = mini[dist.rank::dist.world]
+                micro_batches = [mine[j:j + config.micro_batch] for j in range(0, len(mine), config.micro_batch)]
+                optimizer.zero_grad(set_to_none=True)
+                totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
+                extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios
+                log_weights = []
+                for index, micro in enumerate(micro_batches):
+                    batch_rows = [rows[i] for i in micro]
+                    logprobs, mask, entropy = completion_logprobs(
+                        wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
+                        batch_rows[0]["temperature"], 1.0, with_entropy=True)
+                    batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
+                                  ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
+                                  advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
+                    loss, metrics = objective.loss(batch, ocfg)
+                    tokens = int(mask.sum())
+                    share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
+                    with dist.sync_if(index == len(micro_batches) - 1, wrapped):
+                        (loss * share * dist.world).backward()
+                    with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
+                        log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
+                        ratio = log_ratio.exp()
+                        totals += torch.tensor([loss.item() * share, float(entropy[mask].sum()),
+                                                float((ratio - 1 - log_ratio).sum()), metrics["clip_fraction"] * tokens,
+                                                float(ratio.sum()), tokens], dtype=torch.float64)
+                        extremes = torch.minimum(extremes, torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64))
+                        log_weights += ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+                optimizer.step()
+                totals, extremes, log_weights = dist.reduce_metrics(totals, extremes, log_weights)
+                w = np.exp(np.array(log_weights) - max(log_weights))
+                records.append({
+                    "policy_version": new_version, "step": len(records), "objective": config.objective,
+                    "loss": float(totals[0]), "entropy": float(totals[1]) / mini_tokens,
+                    "kl_behaviour": float(totals[2]) / mini_tokens, "clip_fraction": float(totals[3]) / mini_tokens,
+                    "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": float(grad_norm),
+                    "lr": config.lr, "tokens": mini_tokens, "seconds": time.perf_counter() - step_started,
+                    "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
+                    "ratio_max": -float(extremes[0]),
+                })
+                advance()
+    return records
+
+
+class Distributed:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; else a no-op."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.is_main = rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, requested: str) -> str:
+        from roll.policy import pick_device
+
+        device = pick_device(requested)
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None)
+
+    def sync_if(self, last: bool, wrapped):
+        """DDP all-reduces gradients on the last micro-batch of a step only (gradient accumulation)."""
+        from contextlib import nullcontext
+
+        return nullcontext() if self.world == 1 or last else wrapped.no_sync()
+
+    def reduce_metrics(self, totals, extremes, log_weights):
+        if self.world == 1:
+            return totals, extremes, log_weights
+        import torch.distributed as td
+
+        td.all_reduce(totals)
+        td.all_reduce(extremes, op=td.ReduceOp.MIN)
+        gathered = [None] * self.world
+        td.all_gather_object(gathered, log_weights)
+        return totals, extremes, [w for part in gathered for w in part]
 
 
 def padded(lists: list[list[float]], mask):

@@ -1,0 +1,58 @@
+"""iterate: generate → verify → score → train → evaluate, N times, with the lag semantics of DESIGN §3.1.
+
+Iteration v samples rollouts from policy v, then trains v → v+1 on the behaviour versions
+[v − L − W + 1, v − L] (so with L > 0 it trains on data generated L iterations ago, as an asynchronous
+system would), and evaluates v+1 every `eval_every` versions and at the end. Every stage skips work that
+is already committed, so rerunning the same command after a crash or Ctrl-C resumes where it stopped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from roll.stages.generate import GenerateConfig
+from roll.stages.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class IterateConfig:
+    run: Path  # run directory
+    iterations: int = 20  # updates to reach: the run ends at policy version `iterations`
+    eval_every: int = 5  # evaluate every E versions (v0 included) and the last; 0 = never
+    eval_k: int = 4  # samples per held-out prompt
+    eval_limit: int | None = None  # held-out prompts per evaluation; None = all
+    generate: GenerateConfig = field(default=None)  # sampling settings (version is set per iteration)
+    train: TrainConfig = field(default=None)  # objective and optimiser settings (version set per iteration)
+
+
+def run(config: IterateConfig) -> dict:
+    """Run the loop; returns the versions reached, the evaluations and the wall time."""
+    from roll.errors import RollError
+    from roll.progress import progress_bar
+    from roll.stages import evaluate, generate, train
+
+    if config.iterations < 1:
+        raise RollError(f"--iterations {config.iterations}: must be at least 1")
+    gen = config.generate or GenerateConfig(run=config.run)
+    trn = config.train or TrainConfig(run=config.run)
+    started = time.perf_counter()
+    evals = []
+
+    def maybe_evaluate(version: int) -> None:
+        if config.eval_every and (version % config.eval_every == 0 or version == config.iterations):
+            result = evaluate.run(evaluate.EvaluateConfig(
+                run=config.run, version=version, k=config.eval_k, limit=config.eval_limit,
+                temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                seed=gen.seed, device=gen.device))
+            evals.append({"version": version, "pass@1": result["pass@1"], f"pass@{result['k']}": result[f"pass@{result['k']}"]})
+
+    with progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
+        maybe_evaluate(0)
+        for version in range(config.iterations):
+            generate.run(replace(gen, run=config.run, version=version))
+            train.run(replace(trn, run=config.run, version=version))
+            maybe_evaluate(version + 1)
+            advance()
+    return {"run": str(config.run), "objective": trn.objective, "lag": trn.lag, "window": trn.window,
+            "versions": config.iterations, "evaluations": evals, "seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,147 @@
+"""report: PNG plots and a markdown summary over one or several runs, every number from SQL on their tables.
+
+    pass1.png        held-out pass@1 against policy version and against samples generated
+    training.png     token entropy, KL(π_b‖π_θ), clip fraction and ESS per version
+    regimes.png      share of groups in each Lambert regime, and median k, by lag
+    summary.md       one row per run: objective, lag, final pass@1, entropy at the end, regime shares
+
+Runs are labelled by their directory name; several runs share each figure so they compare directly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.store import Run
+
+QUERIES = {
+    "pass1": """SELECT policy_version, avg(correct::DOUBLE) AS pass1 FROM evals GROUP BY 1 ORDER BY 1""",
+    "samples": """SELECT policy_version, count(*) AS samples FROM rollouts GROUP BY 1 ORDER BY 1""",
+    "training": """SELECT policy_version, avg(entropy) AS entropy, avg(kl_behaviour) AS kl, avg(clip_fraction) AS clip,
+                          avg(ess) AS ess, any_value(objective) AS objective
+                   FROM steps GROUP BY 1 ORDER BY 1""",
+    "regimes": """SELECT lag, regime, count(*) AS groups FROM groups GROUP BY 1, 2 ORDER BY 1, 2""",
+    "median_k": """SELECT lag, median(k) AS median_k FROM groups WHERE NOT isnan(k) GROUP BY 1 ORDER BY 1""",
+    "meta": """SELECT any_value(objective) AS objective, max(lag) AS max_lag, count(DISTINCT policy_version) AS updates
+               FROM groups""",
+}
+REGIMES = ("pessimistic", "boundary", "optimistic", "optimistic-no-solution", "n/a")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: tuple[Path, ...]  # run directories to compare
+    out: Path  # directory for the PNGs and summary.md
+
+
+def _rows(run: Run, name: str) -> list[dict]:
+    cursor = run.connect().execute(QUERIES[name])
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def collect(run: Run) -> dict:
+    data = {name: _rows(run, name) for name in QUERIES}
+    cumulative, total = {}, 0
+    for row in data["samples"]:
+        total += row["samples"]
+        cumulative[row["policy_version"]] = total
+    data["cumulative_samples"] = cumulative
+    return data
+
+
+def run(config: ReportConfig) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [Run(path) for path in config.runs]
+    for r in runs:
+        if not r.exists():
+            raise RollError(f"{r.root}: no run here")
+    data = {r.root.name if len({x.root.name for x in runs}) == len(runs) else str(r.root): collect(r) for r in runs}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    fig, (by_version, by_samples) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, d in data.items():
+        versions = [row["policy_version"] for row in d["pass1"]]
+        pass1 = [100 * row["pass1"] for row in d["pass1"]]
+        by_version.plot(versions, pass1, marker="o", label=label)
+        # samples generated before version v was produced: rollouts of versions < v
+        seen = [d["cumulative_samples"].get(v - 1, 0) for v in versions]
+        by_samples.plot(seen, pass1, marker="o", label=label)
+    by_version.set(xlabel="policy version (updates)", ylabel="held-out pass@1 (%)", title="pass@1 by version")
+    by_samples.set(xlabel="completions generated", ylabel="held-out pass@1 (%)", title="pass@1 by samples generated")
+    for ax in (by_version, by_samples):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pass1.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = (("entropy", "token entropy of π_θ (nats)"), ("kl", "KL(π_b‖π_θ) per token (k3, nats)"),
+              ("clip", "clip fraction (share of tokens)"), ("ess", "ESS of sequence weights e^Δ (share)"))
+    for ax, (key, ylabel) in zip(axes.flat, panels):
+        for label, d in data.items():
+            ax.plot([row["policy_version"] for row in d["training"]], [row[key] for row in d["training"]],
+                    marker=".", label=label)
+        ax.set(xlabel="policy version produced", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+    fig, (shares, median_k) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(data), 1)
+    labelled: set[str] = set()
+    all_lags: set[int] = set()
+    for i, (label, d) in enumerate(data.items()):
+        lags = sorted({row["lag"] for row in d["regimes"]})
+        all_lags.update(lags)
+        totals = {lag: sum(row["groups"] for row in d["regimes"] if row["lag"] == lag) for lag in lags}
+        bottom = [0.0] * len(lags)
+        for j, regime in enumerate(REGIMES):
+            share = [100 * sum(row["groups"] for row in d["regimes"] if row["lag"] == lag and row["regime"] == regime)
+                     / totals[lag] for lag in lags]
+            if any(share):
+                shares.bar([lag - 0.4 + (i + 0.5) * width for lag in lags], share, width, bottom=bottom,
+                           color=f"C{j}", label=None if regime in labelled else regime, edgecolor="black", linewidth=0.3)
+                labelled.add(regime)
+                bottom = [b + s for b, s in zip(bottom, share)]
+        median_k.plot([row["lag"] for row in d["median_k"]], [row["median_k"] for row in d["median_k"]],
+                      marker="o", label=label)
+    shares.set(xlabel="lag (versions behind; bars side by side per run)", ylabel="groups (%)", title="Lambert regime by lag")
+    shares.set_xticks(sorted(all_lags))
+    shares.legend(fontsize=8)
+    median_k.set(xlabel="lag (versions behind)", ylabel="median k", title="median Lambert k by lag")
+    median_k.set_xticks(sorted(all_lags))
+    median_k.grid(alpha=0.3)
+    median_k.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "regimes.png", dpi=110)
+    plt.close(fig)
+
+    lines = ["# roll report", "", "| run | objective | max lag | updates | first pass@1 | final pass@1 | final entropy | "
+             "pessimistic | boundary | optimistic |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = {}
+    for label, d in data.items():
+        meta = d["meta"][0] if d["meta"] else {}
+        total = sum(row["groups"] for row in d["regimes"]) or 1
+        share = {regime: sum(row["groups"] for row in d["regimes"] if row["regime"].startswith(regime)) / total
+                 for regime in ("pessimistic", "boundary", "optimistic")}
+        first = d["pass1"][0]["pass1"] if d["pass1"] else math.nan
+        final = d["pass1"][-1]["pass1"] if d["pass1"] else math.nan
+        entropy = d["training"][-1]["entropy"] if d["training"] else math.nan
+        summary[label] = {"objective": meta.get("objective"), "final_pass1": final, "final_entropy": entropy, **share}
+        lines.append(f"| {label} | {meta.get('objective')} | {meta.get('max_lag')} | {meta.get('updates')} | "
+                     f"{100 * first:.1f}% | {100 * final:.1f}% | {entropy:.3f} | {100 * share['pessimistic']:.0f}% | "
+                     f"{100 * share['boundary']:.0f}% | {100 * share['optimistic']:.0f}% |")
+    lines += ["", "![pass@1](pass1.png)", "", "![training](training.png)", "", "![regimes](regimes.png)", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    return {"out": str(out), "runs": summary, "files": sorted(p.name for p in out.iterdir())}

@@ -1,0 +1,107 @@
+"""Slurm rendering: batch scripts for N iterations, every command a plain `roll` command (DESIGN §5).
+
+For each iteration v the folder holds four scripts:
+
+    v0003-generate.sbatch   job array of S tasks: roll generate --version 3 --shard $SLURM_ARRAY_TASK_ID/S
+    v0003-verify.sbatch     job array of S tasks: roll verify   --version 3 --shard $SLURM_ARRAY_TASK_ID/S
+    v0003-score.sbatch      job array of S tasks: roll score    --version 3 --shard $SLURM_ARRAY_TASK_ID/S
+    v0003-train.sbatch      one job: torchrun … -m roll train --version 3 (or plain roll train on CPU)
+
+and submit.sh submits them all with `sbatch --parsable`, chained by `--dependency=afterok`:
+
+    generate v  after train v−1 (policy v must exist)
+    verify v    after generate v;   score v after verify v
+    train v     after train v−1 and after score of every version in its window [v−L−W+1, v−L]
+
+With --lag L > 0, train v waits only for data L versions old, so generation of the next versions runs
+while older data trains, as an asynchronous cluster would. roll invents no scheduler: Slurm runs it all.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from roll.stages.train import data_window
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    run: Path  # run directory (must be on a filesystem every node sees)
+    iterations: int = 1  # updates to render: versions start … start+iterations−1 are trained
+    start: int = 0  # first policy version to train from
+    array_size: int = 4  # S: tasks per generate/verify/score array
+    gpus_per_train: int = 0  # P: GPUs (torchrun processes) for train; 0 = one CPU process
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    time_limit: str = "01:00:00"  # sbatch --time per job
+    lag: int = 0  # L, as in roll train
+    window: int = 1  # W, as in roll train
+    generate_args: str = ""  # extra options for roll generate (e.g. "--prompts 128 --group-size 8")
+    train_args: str = ""  # extra options for roll train (e.g. "--objective stable-pess --beta 0.1")
+    roll: str = "roll"  # how to call roll on the nodes (e.g. "/path/venv/bin/roll")
+
+
+def _header(config: SlurmConfig, name: str, array: bool) -> list[str]:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --time={config.time_limit}",
+             f"#SBATCH --output={config.run}/slurm/%x-%A_%a.out" if array else f"#SBATCH --output={config.run}/slurm/%x-%j.out"]
+    if array:
+        lines.append(f"#SBATCH --array=0-{config.array_size - 1}")
+    if config.partition:
+        lines.append(f"#SBATCH --partition={config.partition}")
+    if config.account:
+        lines.append(f"#SBATCH --account={config.account}")
+    return lines + ["set -euo pipefail"]
+
+
+def render(config: SlurmConfig) -> dict[str, str]:
+    """File name → script text for the whole chain, submit.sh included."""
+    from roll.errors import RollError
+
+    if config.iterations < 1 or config.array_size < 1 or config.gpus_per_train < 0:
+        raise RollError("--iterations and --array-size must be at least 1, --gpus-per-train at least 0")
+    run = shlex.quote(str(config.run))
+    roll = config.roll
+    scripts: dict[str, str] = {}
+    submit = ["#!/bin/bash", "# Submits the whole chain (job ids feed later --dependency flags); prints the last train job id.",
+              "set -euo pipefail", 'cd "$(dirname "$0")"', f"mkdir -p {run}/slurm"]
+    shard = f"$SLURM_ARRAY_TASK_ID/{config.array_size}"
+    for v in range(config.start, config.start + config.iterations):
+        tag = f"v{v:04d}"
+        for stage, extra in (("generate", config.generate_args), ("verify", ""), ("score", "")):
+            command = f"{roll} {stage} --run {run} --version {v} --shard {shard} {extra}".rstrip()
+            scripts[f"{tag}-{stage}.sbatch"] = "\n".join(_header(config, f"roll-{stage}-{tag}", True) + [command]) + "\n"
+        options = f"--version {v} --lag {config.lag} --window {config.window} {config.train_args}".rstrip()
+        if config.gpus_per_train > 0:
+            # the run goes in $ROLL_RUN: torchrun's parser would take `--run` for its own --run-path
+            train_cmd = f"ROLL_RUN={run} torchrun --standalone --nproc-per-node {config.gpus_per_train} -m roll train {options}"
+            gpu_lines = [f"#SBATCH --gpus-per-node={config.gpus_per_train}"]
+        else:
+            train_cmd, gpu_lines = f"{roll} train --run {run} {options}", []
+        header = _header(config, f"roll-train-{tag}", False)
+        scripts[f"{tag}-train.sbatch"] = "\n".join(header[:-1] + gpu_lines + header[-1:] + [train_cmd]) + "\n"
+
+        previous_train = f"$train_v{v - 1:04d}" if v > config.start else ""
+        lo, hi = data_window(v, config.lag, config.window)
+        after = lambda *ids: f"--dependency=afterok:{':'.join(i for i in ids if i)} " if any(ids) else ""  # noqa: E731
+        submit.append(f"gen_{tag}=$(sbatch --parsable {after(previous_train)}{tag}-generate.sbatch)")
+        submit.append(f"verify_{tag}=$(sbatch --parsable {after(f'$gen_{tag}')}{tag}-verify.sbatch)")
+        submit.append(f"score_{tag}=$(sbatch --parsable {after(f'$verify_{tag}')}{tag}-score.sbatch)")
+        data = [f"$score_v{d:04d}" for d in range(lo, hi + 1) if d >= config.start]
+        submit.append(f"train_{tag}=$(sbatch --parsable {after(previous_train, *data)}{tag}-train.sbatch)")
+    last = f"v{config.start + config.iterations - 1:04d}"
+    submit.append(f'echo "$train_{last}"')
+    scripts["submit.sh"] = "\n".join(submit) + "\n"
+    return scripts
+
+
+def write(config: SlurmConfig, out: Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in render(config).items():
+        path = out / name
+        path.write_text(text)
+        path.chmod(0o755)
+        paths.append(path)
+    return paths
