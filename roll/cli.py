@@ -239,7 +239,8 @@ TRAINING_OPTIONS = options(
 @seed_option
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--force", is_flag=True, help="Retrain version v+1 even if it exists.")
-def train(run_path, version, seed, device, force, **training):
+@click.option("--nproc", default=1, help="Processes: >1 relaunches this command under torchrun (DDP; gloo on CPU).")
+def train(run_path, version, seed, device, force, nproc, **training):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
     Runs verify and score first on selected versions that lack them.
@@ -251,9 +252,23 @@ def train(run_path, version, seed, device, force, **training):
     from roll.runs import ensure_run
     from roll.stages.train import TrainConfig, run as run_train
 
-    config = TrainConfig(run=ensure_run(run_path).root, version=version, seed=seed, device=device, force=force,
-                         **training)
-    print_summary(run_train(config))
+    root = ensure_run(run_path).root
+    if nproc > 1:
+        import os
+        import subprocess
+
+        argv = sys.argv[sys.argv.index("train") + 1:]
+        argv = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
+                and not a.startswith("--nproc=")]
+        argv = [a for i, a in enumerate(argv) if a != "--run" and (i == 0 or argv[i - 1] != "--run")]
+        # the run travels in $ROLL_RUN: torchrun's parser would take `--run` for its own --run-path
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                   "-m", "roll", "train", *argv]
+        sys.exit(subprocess.call(command, env={**os.environ, "ROLL_RUN": str(root)}))
+    config = TrainConfig(run=root, version=version, seed=seed, device=device, force=force, **training)
+    summary = run_train(config)
+    if summary.get("rank", 0) == 0:
+        print_summary(summary)
 
 
 @cli.command()
