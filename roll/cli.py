@@ -416,7 +416,12 @@ def report(runs, out):
 
 @cli.group()
 def slurm():
-    """Render Slurm batch scripts (job arrays for generate/verify/score, torchrun for train)."""
+    """Render Slurm batch scripts (job arrays for generate/verify/score, torchrun for train).
+
+    \b
+    Example:
+      roll slurm render --iterations 2 --array-size 4 --out slurm/
+    """
 
 
 @slurm.command("render")

@@ -167,7 +167,8 @@ def run(config: TrainConfig) -> dict:
 
     model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device))
     step_records = optimise(model, rows, advantages, config, version, new_version, dist)
-    if not dist.is_main:  # only rank 0 commits
+    if not dist.is_main:  # only rank 0 commits; the others wait for it, then leave the process group
+        dist.finish()
         return {"run": str(run_dir.root), "version": new_version, "rank": dist.rank}
 
     write_table(run_dir.train_path("steps", new_version), "steps", pa.Table.from_pylist(step_records, schema=SCHEMAS["steps"]))
@@ -176,6 +177,7 @@ def run(config: TrainConfig) -> dict:
             "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
             "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records)}
     save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta)
+    dist.finish()
     regimes: dict[str, int] = {}
     for g in group_records:
         regimes[g["regime"]] = regimes.get(g["regime"], 0) + 1
@@ -306,6 +308,14 @@ class Distributed:
         from contextlib import nullcontext
 
         return nullcontext() if self.world == 1 or last else wrapped.no_sync()
+
+    def finish(self) -> None:
+        """Barrier, then destroy the process group (a rank leaving without it can abort gloo at exit)."""
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+            td.destroy_process_group()
 
     def reduce_metrics(self, totals, extremes, log_weights):
         if self.world == 1:

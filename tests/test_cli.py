@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -21,7 +22,7 @@ def test_every_command_has_help_with_an_example():
         result = runner.invoke(cli, [name, "--help"])
         assert result.exit_code == 0 and "Example:" in result.output, name
         for param in command.params:
-            if param.name != "help" and hasattr(param, "help"):
+            if isinstance(param, click.Option):
                 assert param.help, f"roll {name} {param.opts[0]} has no help text"
 
 
