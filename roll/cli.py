@@ -224,7 +224,7 @@ TRAINING_OPTIONS = options(
     click.option("--clip-high", default=0.2, help="PPO ε_high (and the CISPO weight cap 1 + ε_high)."),
     click.option("--kl-ref", default=0.0, help="Weight of the k3 KL-to-π_ref term (ppo, cispo, pg)."),
     click.option("--adv-norm", type=click.Choice(["std", "none"]), default="std", help="ppo/cispo advantage normalisation."),
-    click.option("--lr", default=1e-3, help="AdamW learning rate."),
+    click.option("--lr", default=3e-4, help="AdamW learning rate."),
     click.option("--epochs", default=1, help="Passes over the selected rows per update."),
     click.option("--mini-batch", default=512, help="Completions per optimiser step."),
     click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation)."),

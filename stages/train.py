@@ -41,7 +41,7 @@ class TrainConfig:
     clip_high: float = 0.2  # PPO ε_high / CISPO cap
     kl_ref: float = 0.0  # weight of the k3 KL-to-π_ref term (ppo, cispo, pg)
     adv_norm: str = "std"  # ppo/cispo advantage normalisation: std or none
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 3e-4  # AdamW learning rate (1e-3 wrecked the default model in one step; see README)
     epochs: int = 1  # passes over the selected rows
     mini_batch: int = 512  # completions per optimiser step
     micro_batch: int = 64  # completions per forward/backward (gradient accumulation)
