@@ -77,6 +77,7 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)  # rows still sampling, in batch order
     cache_arg, extra = _cache_argument(model)
     past = None
     step_ids, positions = input_ids, position_ids_from_mask(attention_mask)
@@ -84,23 +85,30 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                     use_cache=True, **{cache_arg: past}, **extra)
         past = getattr(out, cache_arg)
-        step_logprobs = sampling_logprobs(out.logits[:, -1, :], temperature, top_p)  # (B, V)
+        step_logprobs = sampling_logprobs(out.logits[:, -1, :], temperature, top_p)  # (A, V), A = active rows
         if temperature == 0:
             next_ids = step_logprobs.argmax(-1)
         else:
             # draw on the CPU generator so a seed gives the same tokens on any device
             next_ids = torch.multinomial(step_logprobs.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
-        tokens[:, t] = next_ids
-        logprobs[:, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1).masked_fill(finished, 0.0)
-        newly = (next_ids == eos_id) & ~finished
-        lengths[newly] = t + 1
-        finished |= newly
-        if bool(finished.all()):
+        tokens[active, t] = next_ids
+        logprobs[active, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
+        done = (next_ids == eos_id) & ~finished[active]  # (a legacy cache keeps finished rows active)
+        lengths[active[done]] = t + 1
+        finished[active[done]] = True
+        if bool(done.all()):
             break
         step_ids = next_ids[:, None]
-        attention_mask = torch.cat([attention_mask, torch.ones((rows, 1), dtype=attention_mask.dtype, device=device)], 1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         positions = positions[:, -1:] + 1
+        # drop finished rows from the batch (and the cache): completions end at very different lengths, and
+        # computing rows that are done was about half of all sampling work on the default task
+        if bool(done.any()) and hasattr(past, "batch_select_indices"):
+            keep = (~done).nonzero().squeeze(-1)
+            past.batch_select_indices(keep)
+            active, step_ids, attention_mask, positions = active[keep], step_ids[keep], attention_mask[keep], positions[keep]
+        elif bool(done.any()):  # a legacy tuple cache: keep computing finished rows, feeding them padding
+            step_ids = torch.where(done[:, None], torch.full_like(step_ids, pad_id), step_ids)
 
     tokens, logprobs, lengths, finished = tokens.cpu(), logprobs.cpu(), lengths.cpu(), finished.cpu()
     return [
