@@ -17,16 +17,15 @@ import numpy as np
 
 
 def group_baseline_advantages(rewards: np.ndarray, objective: str, beta: float, beta1: float, shift: float):
-    """Per-sample advantages with the objective's baseline taken over the samples (as a group would)."""
-    if objective == "pmd-mean":
-        return rewards - rewards.mean()
-    if objective == "stable-pess":
-        return rewards - rewards.mean() + shift * beta
-    if objective == "lme":  # log-mean-exp baseline at the regression's own β
+    """Per-sample advantages with the objective's baseline taken over the samples (as a group would).
+
+    `objective` is a registered objective, or "lme": the log-mean-exp baseline at the regression's own β.
+    """
+    from roll.lambert import group_advantages
+
+    if objective == "lme":
         return rewards - beta * (np.logaddexp.reduce(rewards / beta) - np.log(len(rewards)))
-    if objective == "oapl":
-        return rewards - beta1 * (np.logaddexp.reduce(rewards / beta1) - np.log(len(rewards)))
-    raise ValueError(f"unknown objective {objective}")
+    return group_advantages(rewards, objective, beta, beta1, shift)
 
 
 def tabular_check(objective: str, beta: float = 0.5, beta1: float = 1.0, shift: float = 1.0, outputs: int = 5,
