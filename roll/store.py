@@ -320,19 +320,26 @@ class Run:
             return str(self.root / "evals" / "version=*" / "*.parquet")
         return str(self.root / table / "version=*" / "*.parquet")  # temporaries end in .tmp, never match
 
-    def connect(self):
+    def connect(self, versions: range | None = None):
         """An in-memory DuckDB connection with a view per table (and `samples`, their join).
 
         Views read the committed Parquet files directly, so a query sees every shard committed before it
-        started and never a temporary file (those are hidden names that the globs do not match).
+        started and never a temporary file (hidden names that end in .tmp, which no view lists). With
+        `versions`, the rollouts, verdicts and scores views list only those versions' files, so a lag
+        window costs the same whatever the length of the history behind it.
         """
         import duckdb
 
         con = duckdb.connect(":memory:")
         for table in SCHEMAS:
-            if glob.glob(self.table_glob(table)):
-                source = f"read_parquet({_sql_str(self.table_glob(table))}, union_by_name=true, hive_partitioning=false)"
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM {source}")
+            if versions is not None and table in SHARDED_TABLES:
+                files = [str(p) for v in versions for p in self.files(table, v).values()]
+            else:
+                files = sorted(glob.glob(self.table_glob(table)))
+            if files:
+                listed = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listed}, union_by_name=true, "
+                            "hive_partitioning=false)")
             else:
                 con.register(f"_empty_{table}", empty_table(table))
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
@@ -396,12 +403,12 @@ NAMED_QUERIES = {
 }
 
 
-def named_query(run: Run, name: str, **params) -> list[dict]:
-    """Rows (as dicts) of the named query over the run's views."""
+def named_query(run: Run, name: str, versions: range | None = None, **params) -> list[dict]:
+    """Rows (as dicts) of the named query over the run's views (only `versions`' shards, when given)."""
     import duckdb
 
     try:
-        cursor = run.connect().execute(NAMED_QUERIES[name], params)
+        cursor = run.connect(versions).execute(NAMED_QUERIES[name], params)
     except duckdb.Error as exc:
         raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
     names = [d[0] for d in cursor.description]

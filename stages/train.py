@@ -91,7 +91,7 @@ def load_rows(run: Run, lo: int, hi: int) -> list[dict]:
     """Every sample of behaviour versions lo…hi with its reward and scores, checked complete and finite."""
     from roll.store import named_query
 
-    rows = named_query(run, "window_samples", lo=lo, hi=hi)
+    rows = named_query(run, "window_samples", versions=range(lo, hi + 1), lo=lo, hi=hi)
     for row in rows:
         where = f"version {row['policy_version']}, prompt {row['prompt_id']}, sample {row['sample_index']}"
         if row["reward"] is None or row["trainer_logprobs"] is None:
