@@ -4,7 +4,6 @@ Heavy libraries (torch, transformers, duckdb) are imported inside the commands, 
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path

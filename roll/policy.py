@@ -105,9 +105,6 @@ def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
     return directory
 
 
-def read_policy_meta(directory: Path) -> dict:
-    return json.loads((Path(directory) / "policy.json").read_text())
-
 
 def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[list[int]]:
     """Token ids of each prompt. A prompt already wrapped in the model's chat template carries its own special

@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,9 +305,6 @@ class Run:
 
     def read_prompts(self) -> pa.Table:
         return read_table(self.prompts_path, "prompts")
-
-    def remove_policy(self, version: int) -> None:
-        shutil.rmtree(self.policy_dir(version), ignore_errors=True)
 
     # SQL ---------------------------------------------------------------------------------------------
     def table_glob(self, table: str) -> str:

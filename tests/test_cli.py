@@ -5,7 +5,6 @@ import json
 
 import click
 import pyarrow.parquet as pq
-import pytest
 from click.testing import CliRunner
 
 from roll.cli import cli
