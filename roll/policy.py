@@ -116,6 +116,18 @@ def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[l
     return out
 
 
+def check_context(model, prompt_tokens: list[list[int]], prompt_ids: list[str], max_new_tokens: int) -> None:
+    """Refuse prompts that with `max_new_tokens` would run past the model's context (an index error inside
+    the position embeddings otherwise)."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]), default=None)
+    if longest is not None and len(prompt_tokens[longest]) + max_new_tokens > limit:
+        raise RollError(f"prompt '{prompt_ids[longest]}' has {len(prompt_tokens[longest])} tokens; with --max-new-tokens "
+                        f"{max_new_tokens} it exceeds the model's context of {limit} tokens")
+
+
 def pick_device(device: str = "auto") -> str:
     import torch
 

@@ -52,7 +52,7 @@ def run(config: EvaluateConfig) -> dict:
     import pyarrow as pa
     import torch
 
-    from roll.policy import encode_prompts, load_policy, pick_device
+    from roll.policy import check_context, encode_prompts, load_policy, pick_device
     from roll.progress import progress_bar
     from roll.sampling import sample_batch
     from roll.store import SCHEMAS, read_table
@@ -73,6 +73,7 @@ def run(config: EvaluateConfig) -> dict:
 
     started = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
+    check_context(model, prompt_ids, [r["prompt_id"] for r in rows], config.max_new_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     per_batch = max(1, config.batch_size // config.k)
     samples = []

@@ -122,7 +122,7 @@ def prompt_tokens(run_dir: Run, tokenizer, prompt_ids: list[str]) -> list[list[i
 
 def run(config: GenerateConfig) -> dict:
     """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
-    from roll.policy import load_policy, pick_device
+    from roll.policy import check_context, load_policy, pick_device
 
     check_config(config)
     run_dir = Run(config.run)
@@ -153,8 +153,10 @@ def run(config: GenerateConfig) -> dict:
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
 
     model, tokenizer = load_policy(policy_dir, pick_device(config.device))
+    encoded = prompt_tokens(run_dir, tokenizer, chosen)
+    check_context(model, encoded, chosen, config.max_new_tokens)
     started = time.perf_counter()
-    table = sample_rollouts(model, tokenizer, version, chosen, prompt_tokens(run_dir, tokenizer, chosen),
+    table = sample_rollouts(model, tokenizer, version, chosen, encoded,
                             group_size=config.group_size, max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature, top_p=config.top_p,
                             seed=shard_seed(config.seed, version, config.shard), batch_size=config.batch_size,

@@ -75,6 +75,9 @@ def test_evaluate_metrics_match_the_rows(run_dir):
     assert again["skipped"] and again["pass@1"] == summary["pass@1"]
     out = roll_cli("evaluate", "--run", run_dir, "--k", 2, "--limit", 3, "--max-new-tokens", 8, "--force")
     assert json.loads(out.stdout)["prompts"] == 3
+    # GSM8K prompts do not fit the tiny model's 128-token context: one clear line, not an index error
+    out = roll_cli("evaluate", "--run", run_dir, "--dataset", "gsm8k", "--limit", 5, check=False)
+    assert out.returncode == 2 and "exceeds the model's context of 128 tokens" in out.stderr
 
 
 def test_bad_input_in_verify_score_and_train(run_dir, tmp_path, tiny_model_dir):
