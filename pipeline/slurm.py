@@ -43,8 +43,10 @@ class SlurmConfig:
 
 
 def _header(config: SlurmConfig, name: str, array: bool) -> list[str]:
+    # quoted where needed: sbatch splits an #SBATCH line at spaces unless quoted (a run path with a space)
+    output = shlex.quote(f"{config.run}/slurm/%x-%A_%a.out" if array else f"{config.run}/slurm/%x-%j.out")
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --time={config.time_limit}",
-             f"#SBATCH --output={config.run}/slurm/%x-%A_%a.out" if array else f"#SBATCH --output={config.run}/slurm/%x-%j.out"]
+             f"#SBATCH --output={output}"]
     if array:
         lines.append(f"#SBATCH --array=0-{config.array_size - 1}")
     if config.partition:

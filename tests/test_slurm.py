@@ -7,7 +7,9 @@ under CI (the CI environment variable set, as .ci/run does), where it fails inst
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -22,8 +24,6 @@ import pytest
 
 from roll.store import Run, query
 
-from conftest import roll_cli
-
 GENERATE = "--prompts 6 --group-size 4 --max-new-tokens 16"
 ARRAY = 2  # tasks per generate/verify/score array
 APT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge shellcheck"
@@ -35,13 +35,17 @@ def which(program: str) -> str | None:
     return shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
 def require(*programs: str, what: str) -> dict[str, str]:
     """Paths of `programs`; skip where one is missing (a laptop), but fail under CI, which installs them."""
     found = {p: which(p) for p in programs}
     missing = sorted(p for p, path in found.items() if path is None)
     if missing:
         reason = f"{what} is not installed (no {', '.join(missing)}); install it with: {APT}"
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(f"{reason}. CI must run this test: .ci/run installs the packages", pytrace=False)
         pytest.skip(reason)
     return found
@@ -57,16 +61,25 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def render(run: Path, out: Path, iterations: int, *options) -> dict[str, Path]:
-    """`roll slurm render` into `out`; the scripts by name. Calls roll by this Python where it is not on PATH."""
-    env = job_env()
-    roll = [] if shutil.which("roll", path=env["PATH"]) else ["--roll", f"{shlex.quote(sys.executable)} -m roll"]
-    roll_cli("slurm", "render", "--run", run, "--iterations", iterations, "--array-size", ARRAY,
-             "--generate-args", GENERATE, "--out", out, *roll, *options)
+    """`roll slurm render … --out out` (in this process: it only writes text); the scripts by name.
+    The scripts call `roll` from PATH, or this Python's `-m roll` where no roll is on the jobs' PATH."""
+    from click.testing import CliRunner
+
+    from roll.cli import cli
+
+    roll = [] if shutil.which("roll", path=job_env()["PATH"]) else ["--roll", f"{shlex.quote(sys.executable)} -m roll"]
+    args = ["slurm", "render", "--run", run, "--iterations", iterations, "--array-size", ARRAY,
+            "--generate-args", GENERATE, "--out", out, *roll, *options]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
     return {p.name: p for p in sorted(out.iterdir())}
 
 
 def init(path: Path, model: Path) -> Path:
-    roll_cli("init", "--run", path, "--model", model)
+    """`roll init --run path --model model`, in this process (as conftest's run_dir does)."""
+    from roll.runs import InitConfig, init_run
+
+    init_run(InitConfig(run=path, model=str(model)))
     return path
 
 
@@ -76,6 +89,13 @@ def array_env(task: int, job: int) -> dict[str, str]:
             "SLURM_ARRAY_TASK_MAX": str(ARRAY - 1), "SLURM_ARRAY_JOB_ID": str(job), "SLURM_JOB_ID": str(job + 1 + task),
             "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1", "SLURM_CPUS_ON_NODE": "1",
             "SLURMD_NODENAME": socket.gethostname()}
+
+
+def summary(output: str) -> dict:
+    """The JSON summary a roll command prints last (after any progress bar on stderr)."""
+    match = re.search(r"^\{$.*^\}$", output, re.MULTILINE | re.DOTALL)
+    assert match, output[-3000:]
+    return json.loads(match.group(0))
 
 
 def counts(run: Path, table: str) -> list[tuple]:
@@ -95,7 +115,7 @@ def test_rendered_scripts_pass_shellcheck(tmp_path, options):
     scripts = render(tmp_path / "a run with spaces", tmp_path / "out", 3, *options)
     assert len(scripts) == 3 * 4 + 1 and "submit.sh" in scripts
     proc = subprocess.run([shellcheck, "--shell=bash", "--severity=style", *map(str, scripts.values())],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -107,7 +127,8 @@ def run_one_process(commands: list[list[str]]) -> None:
         for args in {commands!r}:
             cli.main(args, prog_name="roll", standalone_mode=False)
     """)
-    proc = subprocess.run([sys.executable, "-c", program], env=job_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", program], env=job_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -115,11 +136,12 @@ def command_of(script: Path, task: int | None) -> list[str]:
     """The script's `roll …` command as arguments after `roll`, with the array task id filled in."""
     line = script.read_text().strip().splitlines()[-1]
     words = shlex.split(line.replace("$SLURM_ARRAY_TASK_ID", str(task)))
-    return words[words.index("roll") + 1:] if "roll" in words else words[words.index("-m") + 2:]
+    return words[words.index("roll") + 1:]  # after `roll`, or after `python -m roll`
 
 
 def test_array_tasks_as_concurrent_processes_make_the_rows_of_one_process(tmp_path, tiny_model_dir):
-    concurrent, reference = init(tmp_path / "concurrent", tiny_model_dir), init(tmp_path / "reference", tiny_model_dir)
+    concurrent = init(tmp_path / "concurrent run", tiny_model_dir)
+    reference = init(tmp_path / "reference", tiny_model_dir)
     scripts = render(concurrent, tmp_path / "slurm", 1)
     for n, stage in enumerate(("generate", "verify", "score")):
         job = 1000 * (n + 1)
@@ -129,8 +151,9 @@ def test_array_tasks_as_concurrent_processes_make_the_rows_of_one_process(tmp_pa
         outputs = [p.communicate(timeout=300)[0] for p in procs]
         for task, (p, out) in enumerate(zip(procs, outputs)):
             assert p.returncode == 0, f"{stage} task {task} failed ({p.returncode}):\n{out[-3000:]}"
+            assert summary(out)["rows"] == 12, out[-3000:]  # each task did its half of 6 prompts × 4
     train = subprocess.run(["bash", str(scripts["v0000-train.sbatch"])], env=job_env(SLURM_JOB_ID="4000"),
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, check=False)
     assert train.returncode == 0, train.stderr[-3000:]
 
     # the reference: the very same commands, for shard 0/2 then 1/2, in one process, on a twin run
@@ -217,7 +240,7 @@ def gone(pid: int) -> bool:
 
 
 class Cluster:
-    """munged, slurmctld and slurmd for this test session, as child processes in the foreground."""
+    """munged, slurmctld and slurmd for this test module, as child processes in the foreground."""
 
     def __init__(self, folder: Path, programs: dict[str, str]):
         self.dir, self.programs = folder, programs
@@ -246,12 +269,13 @@ class Cluster:
         self.wait_for(lambda: self.sinfo() == "idle", "the node to be idle in sinfo", 30)
 
     def launch(self, name: str, argv: list[str]) -> None:
-        log = open(self.dir / f"{name}.stdout", "w")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+        with open(self.dir / f"{name}.stdout", "w") as log:  # the child keeps its own copy of the descriptor
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True)
 
     def sinfo(self) -> str:
-        proc = subprocess.run([self.programs["sinfo"], "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
+        proc = subprocess.run([self.programs["sinfo"], "-h", "-o", "%t"], env=self.env, capture_output=True,
+                              text=True, check=False)
         return proc.stdout.strip()
 
     def wait_for(self, ready, what: str, seconds: float) -> None:
@@ -270,7 +294,8 @@ class Cluster:
     def stop(self) -> list[int]:
         """Cancel what is left, then stop slurmd, slurmctld and munged by pid; the pids they had."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            subprocess.run([self.programs["scancel"], "--user", str(os.getuid())], env=self.env, capture_output=True)
+            subprocess.run([self.programs["scancel"], "--user", str(os.getuid())], env=self.env,
+                           capture_output=True, check=False)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -284,14 +309,14 @@ class Cluster:
         return [p.pid for p in self.procs.values()]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     """A single-node Slurm of our own (own conf, ports, munge socket and key), stopped by pid afterwards."""
     programs = require("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel",
                        what="Slurm (slurmctld, slurmd, slurm-client, munge)")
     if os.geteuid() != 0:
         message = "the single-node Slurm of this test runs its daemons as root (SlurmUser=root)"
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     cluster = Cluster(tmp_path_factory.mktemp("slurm"), programs)
@@ -310,7 +335,7 @@ def wait_for_jobs(cluster: Cluster, timeout: float) -> dict[str, str]:
     deadline = time.time() + timeout
     while True:
         proc = subprocess.run([squeue, "-h", "-t", "all", "-o", "%i %T %j"], env=cluster.env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         jobs = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.strip()}
         if jobs and not any(s in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") for s in jobs.values()):
@@ -321,19 +346,23 @@ def wait_for_jobs(cluster: Cluster, timeout: float) -> dict[str, str]:
 
 
 def test_real_slurm_runs_two_iterations_like_roll_iterate(tmp_path, tiny_model_dir, slurm_cluster):
-    started = time.time()
-    run, reference = init(tmp_path / "slurm-run", tiny_model_dir), init(tmp_path / "iterate-run", tiny_model_dir)
+    run, reference = init(tmp_path / "slurm run", tiny_model_dir), init(tmp_path / "iterate-run", tiny_model_dir)
     scripts = render(run, tmp_path / "scripts", 2)
     submit = subprocess.run(["bash", str(scripts["submit.sh"])], env=slurm_cluster.env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     assert submit.returncode == 0, submit.stderr
     last_train = submit.stdout.strip().splitlines()[-1]
     # the reference runs while Slurm works: the same settings, one shard per version, in one command
     iterate = subprocess.Popen([sys.executable, "-m", "roll", "iterate", "--run", str(reference), "--iterations", "2",
                                 "--eval-every", "0", *GENERATE.split()], env=job_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    jobs = wait_for_jobs(slurm_cluster, timeout=240)
-    iterate_err = iterate.communicate(timeout=240)[1]
+    try:
+        jobs = wait_for_jobs(slurm_cluster, timeout=240)
+        iterate_err = iterate.communicate(timeout=240)[1]
+    finally:
+        if iterate.poll() is None:
+            iterate.kill()
+            iterate.wait()
     assert iterate.returncode == 0, iterate_err[-3000:]
 
     outputs = sorted((run / "slurm").glob("*.out"))
@@ -343,8 +372,10 @@ def test_real_slurm_runs_two_iterations_like_roll_iterate(tmp_path, tiny_model_d
     # 2 versions × (generate, verify, score arrays of 2 tasks + 1 train job): 14 jobs, one output file each
     assert len(jobs) == 14 and last_train in jobs, jobs
     assert len(outputs) == 14, [p.name for p in outputs]
-    for p in outputs:
+    for p in outputs:  # every array task did its half (so each ran after the job it depends on)
         assert "Traceback" not in p.read_text(), p.read_text()
+        if "train" not in p.name:
+            assert summary(p.read_text())["rows"] == 12, (p.name, p.read_text())
 
     a, b = Run(run), Run(reference)
     assert a.policy_versions() == b.policy_versions() == [0, 1, 2]
@@ -356,4 +387,3 @@ def test_real_slurm_runs_two_iterations_like_roll_iterate(tmp_path, tiny_model_d
     for table in ("steps", "groups"):
         per_version = f"select policy_version, count(*) from {table} group by 1 order by 1"
         assert query(a, per_version).fetchall() == query(b, per_version).fetchall(), table
-    assert time.time() - started < 300
