@@ -110,6 +110,44 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
     return pa.table(columns, schema=SCHEMAS["rollouts"])
 
 
+def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_ids: list[str], config: GenerateConfig,
+                         seed: int):
+    """The same rows from vLLM (GPU): weights from the version's checkpoint directory, sampler log-probs of
+    the processed distribution (temperature and top-p applied, vLLM's logprobs_mode="processed_logprobs").
+
+    UNTESTED: no machine with a GPU and vLLM was available to this project's sessions so far.
+    """
+    import pyarrow as pa
+
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError:
+        raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU") from None
+    from roll.store import SCHEMAS
+
+    llm = LLM(model=str(policy_dir), seed=seed, logprobs_mode="processed_logprobs")
+    tokenizer = llm.get_tokenizer()
+    encoded = prompt_tokens(run_dir, tokenizer, prompt_ids)
+    params = SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
+                            max_tokens=config.max_new_tokens, logprobs=0, seed=seed)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
+    columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
+    for pid, ids, output in zip(prompt_ids, encoded, outputs):
+        for sample_index, completion in enumerate(output.outputs):
+            tokens = list(completion.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+            values = {"policy_version": version, "prompt_id": pid, "sample_index": sample_index,
+                      "completion": completion.text, "prompt_token_ids": ids, "token_ids": tokens,
+                      "behaviour_logprobs": logprobs, "num_tokens": len(tokens),
+                      "finish_reason": "stop" if completion.finish_reason == "stop" else "length",
+                      "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
+                      "top_p": config.top_p, "seed": seed, "backend": "vllm"}
+            for name, value in values.items():
+                columns[name].append(value)
+    return pa.table(columns, schema=SCHEMAS["rollouts"])
+
+
 def prompt_tokens(run_dir: Run, tokenizer, prompt_ids: list[str]) -> list[list[int]]:
     """Token ids of the run's prompts `prompt_ids`, in order."""
     from roll.policy import encode_prompts
@@ -140,8 +178,6 @@ def run(config: GenerateConfig) -> dict:
         for stale, stale_path in run_dir.shards("rollouts", version).items():
             if stale.count != config.shard.count:
                 stale_path.unlink(missing_ok=True)
-    if config.backend == "vllm":
-        raise RollError("--backend vllm is not available in this build (install roll[vllm] on a GPU machine)")
 
     prompts = run_dir.read_prompts()
     if prompts.num_rows == 0:
@@ -152,15 +188,20 @@ def run(config: GenerateConfig) -> dict:
         raise RollError(f"{run_dir.prompts_path}: no prompts in the train split")
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
 
-    model, tokenizer = load_policy(policy_dir, pick_device(config.device))
-    encoded = prompt_tokens(run_dir, tokenizer, chosen)
-    check_context(model, encoded, chosen, config.max_new_tokens)
+    seed = shard_seed(config.seed, version, config.shard)
     started = time.perf_counter()
-    table = sample_rollouts(model, tokenizer, version, chosen, encoded,
-                            group_size=config.group_size, max_new_tokens=config.max_new_tokens,
-                            temperature=config.temperature, top_p=config.top_p,
-                            seed=shard_seed(config.seed, version, config.shard), batch_size=config.batch_size,
-                            backend=config.backend, description=f"generate v{version} shard {config.shard}")
+    if config.backend == "vllm":
+        table = sample_rollouts_vllm(policy_dir, run_dir, version, chosen, config, seed)
+    else:
+        model, tokenizer = load_policy(policy_dir, pick_device(config.device))
+        encoded = prompt_tokens(run_dir, tokenizer, chosen)
+        check_context(model, encoded, chosen, config.max_new_tokens)
+        started = time.perf_counter()
+        table = sample_rollouts(model, tokenizer, version, chosen, encoded,
+                                group_size=config.group_size, max_new_tokens=config.max_new_tokens,
+                                temperature=config.temperature, top_p=config.top_p, seed=seed,
+                                batch_size=config.batch_size, backend=config.backend,
+                                description=f"generate v{version} shard {config.shard}")
     seconds = time.perf_counter() - started
     write_table(path, "rollouts", table)
     tokens = sum(table.column("num_tokens").to_pylist())
