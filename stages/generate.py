@@ -128,7 +128,7 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
 
     llm = LLM(model=str(policy_dir), seed=seed, logprobs_mode="processed_logprobs")
     tokenizer = llm.get_tokenizer()
-    encoded = prompt_tokens(run_dir, tokenizer, prompt_ids)
+    encoded = prompt_tokens(run_dir.read_prompts(), tokenizer, prompt_ids)
     params = SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
                             max_tokens=config.max_new_tokens, logprobs=0, seed=seed)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
@@ -148,11 +148,10 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     return pa.table(columns, schema=SCHEMAS["rollouts"])
 
 
-def prompt_tokens(run_dir: Run, tokenizer, prompt_ids: list[str]) -> list[list[int]]:
-    """Token ids of the run's prompts `prompt_ids`, in order."""
+def prompt_tokens(prompts, tokenizer, prompt_ids: list[str]) -> list[list[int]]:
+    """Token ids of the prompts `prompt_ids`, in order, from a run's prompts table."""
     from roll.policy import encode_prompts
 
-    prompts = run_dir.read_prompts()
     by_id = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
     texts, metadata = prompts.column("prompt").to_pylist(), prompts.column("metadata").to_pylist()
     return encode_prompts(tokenizer, [texts[by_id[pid]] for pid in prompt_ids], [metadata[by_id[pid]] for pid in prompt_ids])
@@ -194,9 +193,9 @@ def run(config: GenerateConfig) -> dict:
         table = sample_rollouts_vllm(policy_dir, run_dir, version, chosen, config, seed)
     else:
         model, tokenizer = load_policy(policy_dir, pick_device(config.device))
-        encoded = prompt_tokens(run_dir, tokenizer, chosen)
+        encoded = prompt_tokens(prompts, tokenizer, chosen)
         check_context(model, encoded, chosen, config.max_new_tokens)
-        started = time.perf_counter()
+        started = time.perf_counter()  # hf: the stage's seconds measure sampling, not loading
         table = sample_rollouts(model, tokenizer, version, chosen, encoded,
                                 group_size=config.group_size, max_new_tokens=config.max_new_tokens,
                                 temperature=config.temperature, top_p=config.top_p, seed=seed,

@@ -372,7 +372,7 @@ def supplement_version0(run: Run, prompt_ids: list[str], rows: list[dict], tag: 
     print(f"roll: apo needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
     group = max(Counter((r["policy_version"], r["prompt_id"]) for r in rows).values())
     model, tokenizer = load_policy(run.policy_dir(0), pick_device("auto"))
-    table = sample_rollouts(model, tokenizer, 0, prompt_ids, prompt_tokens(run, tokenizer, prompt_ids),
+    table = sample_rollouts(model, tokenizer, 0, prompt_ids, prompt_tokens(run.read_prompts(), tokenizer, prompt_ids),
                             group_size=group, max_new_tokens=rows[0]["max_new_tokens"],
                             temperature=rows[0]["temperature"], top_p=rows[0]["top_p"],
                             seed=int(hashlib.sha256(tag.encode()).hexdigest()[:12], 16), batch_size=256, backend="hf",
