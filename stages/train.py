@@ -143,10 +143,12 @@ def run(config: TrainConfig) -> dict:
     groups: dict[tuple[int, str], list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault((row["policy_version"], row["prompt_id"]), []).append(i)
-    if config.objective == "apo" and dist.is_main:
-        reference_values(run_dir, rows, config)  # generates any missing version-0 samples, once
+    ref_values = {}
+    if config.objective == "apo" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
+        ref_values = reference_values(run_dir, rows, config)
     dist.barrier()
-    ref_values = reference_values(run_dir, rows, config) if config.objective == "apo" else {}
+    if config.objective == "apo" and not dist.is_main:
+        ref_values = reference_values(run_dir, rows, config)
     advantages = torch.zeros(len(rows), dtype=torch.float64)
     group_records = []
     lag_steps = {v: steps_since(run_dir, v, version) for v in data_versions}
