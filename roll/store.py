@@ -399,13 +399,25 @@ NAMED_QUERIES = {
 }
 
 
-def named_query(run: Run, name: str, versions: range | None = None, **params) -> list[dict]:
-    """Rows (as dicts) of the named query over the run's views (only `versions`' shards, when given)."""
+def _execute(run: Run, name: str, versions: range | None, params: dict):
     import duckdb
 
     try:
-        cursor = run.connect(versions).execute(NAMED_QUERIES[name], params)
+        return run.connect(versions).execute(NAMED_QUERIES[name], params)
     except duckdb.Error as exc:
         raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
+
+
+def named_query(run: Run, name: str, versions: range | None = None, **params) -> list[dict]:
+    """Rows (as dicts) of the named query over the run's views (only `versions`' shards, when given)."""
+    cursor = _execute(run, name, versions, params)
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def named_query_arrow(run: Run, name: str, versions: range | None = None, **params) -> pa.Table:
+    """The named query's result as a pyarrow table: list columns stay Arrow buffers (no Python objects per
+    token), which is what makes a lag window of millions of rows cheap to hand to torch."""
+    cursor = _execute(run, name, versions, params)
+    fetch = getattr(cursor, "to_arrow_table", None) or cursor.fetch_arrow_table  # DuckDB ≥ 2.0 renamed it
+    return fetch()
