@@ -418,6 +418,10 @@ def named_query(run: Run, name: str, versions: range | None = None, **params) ->
 def named_query_arrow(run: Run, name: str, versions: range | None = None, **params) -> pa.Table:
     """The named query's result as a pyarrow table: list columns stay Arrow buffers (no Python objects per
     token), which is what makes a lag window of millions of rows cheap to hand to torch."""
-    cursor = _execute(run, name, versions, params)
-    fetch = getattr(cursor, "to_arrow_table", None) or cursor.fetch_arrow_table  # DuckDB ≥ 2.0 renamed it
-    return fetch()
+    import duckdb
+
+    try:  # a relation, not a cursor: DuckDB hands a relation's rows to Arrow without an extra copy
+        relation = run.connect(versions).sql(NAMED_QUERIES[name], params=params)
+        return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+    except duckdb.Error as exc:
+        raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
