@@ -239,7 +239,8 @@ TRAINING_OPTIONS = options(
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--force", is_flag=True, help="Retrain version v+1 even if it exists.")
 @click.option("--nproc", default=1, help="Processes: >1 relaunches this command under torchrun (DDP; gloo on CPU).")
-def train(run_path, version, seed, device, force, nproc, **training):
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
+def train(run_path, version, seed, device, force, nproc, fsdp, **training):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
     Runs verify and score first on selected versions that lack them.
@@ -264,7 +265,7 @@ def train(run_path, version, seed, device, force, nproc, **training):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                    "-m", "roll", "train", *argv]
         sys.exit(subprocess.call(command, env={**os.environ, "ROLL_RUN": str(root)}))
-    config = TrainConfig(run=root, version=version, seed=seed, device=device, force=force, **training)
+    config = TrainConfig(run=root, version=version, seed=seed, device=device, fsdp=fsdp, force=force, **training)
     summary = run_train(config)
     if summary.get("rank", 0) == 0:
         print_summary(summary)

@@ -48,6 +48,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     seed: int = 0  # row shuffling
     device: str = "auto"  # auto, cpu or cuda
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2) instead of DDP
     force: bool = False  # retrain v+1 even if it exists
 
     def objective_config(self) -> ObjectiveConfig:
@@ -131,7 +132,7 @@ def run(config: TrainConfig) -> dict:
         raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {new_version} holds no "
                         f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
                         f"run `roll generate --version {hi}`)")
-    dist = Distributed.from_env()
+    dist = Distributed.from_env(config.fsdp)
     if dist.is_main:
         prepare(run_dir, data_versions)
     dist.barrier()  # every rank reads the same committed verdicts and scores
@@ -169,6 +170,7 @@ def run(config: TrainConfig) -> dict:
 
     model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device))
     step_records = optimise(model, rows, advantages, config, version, new_version, dist)
+    state_dict = dist.full_state_dict(model)  # collective under FSDP: every rank takes part, rank 0 receives
     if not dist.is_main:  # only rank 0 commits; the others wait for it, then leave the process group
         dist.finish()
         return {"run": str(run_dir.root), "version": new_version, "rank": dist.rank}
@@ -178,6 +180,9 @@ def run(config: TrainConfig) -> dict:
     meta = {"version": new_version, "parent": version, "objective": config.objective,
             "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
             "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records)}
+    if state_dict is not None:  # FSDP: the sharded module cannot save itself; an unsharded copy can
+        model, _ = load_policy(run_dir.policy_dir(version), "cpu")
+        model.load_state_dict(state_dict)
     save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta)
     dist.finish()
     regimes: dict[str, int] = {}
@@ -208,8 +213,8 @@ def optimise(model, rows: list[dict], advantages, config: TrainConfig, version: 
     objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
     model.train()
     torch.manual_seed(config.seed)
+    wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    wrapped = dist.wrap(model)
     order = list(range(len(rows)))
     records = []
     steps_per_epoch = math.ceil(len(rows) / config.mini_batch)
@@ -266,39 +271,59 @@ def optimise(model, rows: list[dict], advantages, config: TrainConfig, version: 
 
 
 class Distributed:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; else a no-op."""
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; else a no-op.
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
-        self.rank, self.world, self.local_rank = rank, world, local_rank
+    Ranks hold whole replicas under DDP; with `fsdp` each transformer block and the root are wrapped by
+    FSDP2's `fully_shard`, so each rank holds 1/P of the parameters, gradients and Adam state. FSDP also
+    runs under torchrun with one process (a process group of one), which is how it is checked on one GPU.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, fsdp: bool = False):
+        self.rank, self.world, self.local_rank, self.fsdp = rank, world, local_rank, fsdp
         self.is_main = rank == 0
+        self.active = world > 1 or fsdp
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls, fsdp: bool = False) -> "Distributed":
         import os
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        if fsdp and "MASTER_ADDR" not in os.environ:
+            raise RollError("--fsdp needs torchrun: use `roll train --nproc P --fsdp` or `torchrun ... -m roll train --fsdp`")
+        if world == 1 and not fsdp:
             return cls()
         import torch
         import torch.distributed as td
 
         if not td.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL: one GPU per rank
             td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
 
     def device(self, requested: str) -> str:
         from roll.policy import pick_device
 
         device = pick_device(requested)
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.active else device
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.active:
             import torch.distributed as td
 
             td.barrier()
 
     def wrap(self, model):
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            # one FSDP unit per transformer block (the classes transformers marks unsplittable), then the root
+            # (embeddings, final norm, tied head): a block's full weights exist only while it runs
+            for module in model.modules():
+                if type(module).__name__ in set(getattr(model, "_no_split_modules", None) or ()):
+                    fully_shard(module)
+            fully_shard(model)
+            return model
         if self.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -306,14 +331,29 @@ class Distributed:
         return DistributedDataParallel(model, device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None)
 
     def sync_if(self, last: bool, wrapped):
-        """DDP all-reduces gradients on the last micro-batch of a step only (gradient accumulation)."""
-        from contextlib import nullcontext
+        """Gradients are reduced across ranks on the last micro-batch of a step only (gradient accumulation)."""
+        from contextlib import contextmanager, nullcontext
 
+        if self.fsdp:
+            @contextmanager
+            def fsdp_sync():
+                wrapped.set_requires_gradient_sync(last)
+                yield
+            return fsdp_sync()
         return nullcontext() if self.world == 1 or last else wrapped.no_sync()
+
+    def full_state_dict(self, model):
+        """FSDP: the unsharded weights on rank 0's CPU (None elsewhere, and without FSDP)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
 
     def finish(self) -> None:
         """Barrier, then destroy the process group (a rank leaving without it can abort gloo at exit)."""
-        if self.world > 1:
+        if self.active:
             import torch.distributed as td
 
             td.barrier()

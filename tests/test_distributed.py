@@ -1,4 +1,4 @@
-"""Training under torchrun: 2 CPU processes (gloo) give the same v+1 weights as one process."""
+"""Training under torchrun: 2 CPU processes (gloo), under DDP or FSDP, give the same v+1 weights as one process."""
 from __future__ import annotations
 
 import os
@@ -19,8 +19,8 @@ from roll.store import Run, Shard, write_table
 from conftest import roll_cli
 
 
-@pytest.mark.parametrize("objective", ["stable-pess", "ppo"])
-def test_torchrun_two_ranks_match_one_process(run_dir, tmp_path, objective):
+@pytest.mark.parametrize("objective,sharding", [("stable-pess", []), ("ppo", []), ("stable-pess", ["--fsdp"])])
+def test_torchrun_two_ranks_match_one_process(run_dir, tmp_path, objective, sharding):
     generate(GenerateConfig(run=run_dir, prompts=6, group_size=4, max_new_tokens=16))
     prepare(Run(run_dir), [0])  # verify and score once, so both copies train on identical tables
     # the tiny random model never answers right; give every group a spread of rewards (as a custom reward
@@ -35,7 +35,7 @@ def test_torchrun_two_ranks_match_one_process(run_dir, tmp_path, objective):
             "--lr", "1e-3"]
     # the run goes in $ROLL_RUN: torchrun's own parser would take `--run` for an abbreviation of its --run-path
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "roll", *args], capture_output=True, text=True, timeout=600,
+                           "-m", "roll", *args, *sharding], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "ROLL_RUN": str(run_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     roll_cli(*args, "--run", single)
