@@ -3,17 +3,31 @@
 Writes a run directory of realistic shards (4 per version, list columns of ~26 tokens with their log-probs,
 verdicts and scores alongside), then times, in one process, alternating repeats of:
 
-  * `roll sql`'s per-version aggregate over every rollout row (the user's query, through roll.store.query);
-  * train's lag-window selection (the named query `window_samples` over a 4-version window), with 10 and
-    with 100 versions of history present — the window reads only its own versions' files.
+  * `roll sql`'s per-version aggregate over every rollout row: in process (roll.store.query … fetchall,
+    what the 0.2 s target is about) and as the `roll sql` command (a subprocess: mostly start-up);
+  * train's lag-window selection (the named query `window_samples` over a 4-version window) through
+    roll.store.named_query_arrow, with 10 and with 100 versions of history present — the window reads
+    only its own versions' files;
+
+and afterwards the same window through named_query (rows as dicts of Python objects), to show what that
+conversion costs. Ends with a Markdown table for BENCHMARKS.md, peak RSS and the history's size on disk.
 
     python bench/sql_scale.py [--rows 10000000] [--versions 100] [--repeats 5] [--dir /tmp/roll-sql-bench]
+                              [--reuse]
+
+--reuse keeps the histories already in --dir when their row counts match, since writing 11 M rows takes
+minutes; without it (or when they do not match) --dir is wiped and written again.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,44 +88,124 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
+def row_counts(run) -> tuple[int, int, int]:
+    """Rows of rollouts, verdicts and scores (from Parquet footers, so cheap even at 10 M rows)."""
+    from roll.store import query
+
+    return query(run, "select (select count(*) from rollouts), (select count(*) from verdicts), "
+                      "(select count(*) from scores)").fetchone()
+
+
+def complete(run, rows: int) -> bool:
+    # run.toml is written after every shard, so its presence says the writer finished
+    return run.exists() and row_counts(run) == (rows, rows, rows)
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def machine() -> str:
+    import duckdb
+
+    cpu = platform.processor() or "?"
+    try:  # the model name says more than "x86_64" when comparing numbers later
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{os.cpu_count()} cores, {platform.machine()} ({cpu}), Python {platform.python_version()}, "
+            f"duckdb {duckdb.__version__}, pyarrow {pa.__version__}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--versions", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default="/tmp/roll-sql-bench")
+    parser.add_argument("--reuse", action="store_true", help="keep complete histories already in --dir")
     args = parser.parse_args()
 
-    from roll.store import Run, named_query, query
+    from roll.store import Run, named_query, named_query_arrow, query
 
     base = Path(args.dir)
-    shutil.rmtree(base, ignore_errors=True)
     big, small = Run(base / "history100"), Run(base / "history10")
     rows_per_version = args.rows // args.versions
-    started = time.perf_counter()
-    write_history(big, args.versions, rows_per_version, shards=4)
-    write_history(small, 10, rows_per_version, shards=4)
-    print(f"wrote {args.versions} + 10 versions of {rows_per_version} rows in {time.perf_counter() - started:.0f} s")
+    total = rows_per_version * args.versions
+    if args.reuse and complete(big, total) and complete(small, rows_per_version * 10):
+        print(f"reusing {base}: {args.versions} + 10 versions of {rows_per_version} rows")
+    else:
+        if args.reuse:
+            print(f"{base} holds no complete histories of this size; writing them")
+        shutil.rmtree(base, ignore_errors=True)
+        started = time.perf_counter()
+        for run, versions in ((big, args.versions), (small, 10)):
+            write_history(run, versions, rows_per_version, shards=4)
+            # `roll sql` refuses a directory without run.toml; written last, it marks the history complete
+            run.config_path.write_text('task = "synthetic"  # bench/sql_scale.py\n')
+        print(f"wrote {args.versions} + 10 versions of {rows_per_version} rows in {time.perf_counter() - started:.0f} s")
 
     aggregate = "select policy_version, count(*), avg(num_tokens) from rollouts group by 1 order by 1"
-    assert sum(r[1] for r in query(big, aggregate).fetchall()) == rows_per_version * args.versions
+    assert sum(r[1] for r in query(big, aggregate).fetchall()) == total
+    # the real CLI path: the `roll` entry point installed next to this interpreter (else python -m roll)
+    roll = shutil.which("roll", path=os.path.dirname(sys.executable)) or shutil.which("roll")
+    roll_cmd = [roll] if roll else [sys.executable, "-m", "roll"]
 
-    def window(run, hi):
-        return lambda: named_query(run, "window_samples", versions=range(hi - 3, hi + 1), lo=hi - 3, hi=hi)
+    def cli(sql):
+        return lambda: subprocess.run([*roll_cmd, "sql", "--run", str(big.root), sql], check=True,
+                                      stdout=subprocess.DEVNULL)
 
-    results = {"aggregate over all rows": [], "window of 4 versions, 10 versions of history": [],
-               f"window of 4 versions, {args.versions} versions of history": []}
+    def window(run, hi, fn):
+        return lambda: fn(run, "window_samples", versions=range(hi - 3, hi + 1), lo=hi - 3, hi=hi)
+
+    hi_small, hi_big = 9, args.versions - 1
+    arrow_small, arrow_big = window(small, hi_small, named_query_arrow), window(big, hi_big, named_query_arrow)
+    selected = arrow_big()  # the window train gets: 4 versions' rows, list columns still Arrow lists
+    assert selected.num_rows == 4 * rows_per_version and arrow_small().num_rows == 4 * rows_per_version
+    assert pa.types.is_list(selected.schema.field("token_ids").type), selected.schema
+    assert set(selected.column("policy_version").to_pylist()) == set(range(hi_big - 3, hi_big + 1))
+    del selected
+
+    names = {
+        "agg": "per-version aggregate over all rows, in process (`roll.store.query(...).fetchall()`)",
+        "cli": "per-version aggregate, `roll sql` subprocess wall time (process start-up included)",
+        "cli1": "`roll sql \"select 1\"` subprocess wall time (start-up alone, for comparison)",
+        "w10": "window of 4 versions, 10 versions of history, `named_query_arrow` (Arrow table)",
+        "w100": f"window of 4 versions, {args.versions} versions of history, `named_query_arrow` (Arrow table)",
+        "d10": "window of 4 versions, 10 versions of history, `named_query` (list of dicts, Python objects)",
+        "d100": f"window of 4 versions, {args.versions} versions of history, `named_query` (list of dicts, Python objects)",
+    }
+    results = {key: [] for key in names}
     for _ in range(args.repeats):  # alternate, so drift hits every query alike
-        results["aggregate over all rows"] += timed(lambda: query(big, aggregate).fetchall(), 1)
-        results["window of 4 versions, 10 versions of history"] += timed(window(small, 9), 1)
-        results[f"window of 4 versions, {args.versions} versions of history"] += timed(window(big, args.versions - 1), 1)
-    print(f"\n{args.rows:,} rollout rows over {args.versions} versions (4 shards each), {args.repeats} alternating repeats\n")
+        results["agg"] += timed(lambda: query(big, aggregate).fetchall(), 1)
+        results["cli"] += timed(cli(aggregate), 1)
+        results["cli1"] += timed(cli("select 1"), 1)
+        results["w10"] += timed(arrow_small, 1)
+        results["w100"] += timed(arrow_big, 1)
+    # measured after the Arrow repeats: the dict path's Python objects would otherwise set the peak
+    rss_arrow = peak_rss_gib()
+    for _ in range(args.repeats):
+        results["d10"] += timed(window(small, hi_small, named_query), 1)
+        results["d100"] += timed(window(big, hi_big, named_query), 1)
+
+    repeats = f"{args.repeats} repeat" + ("s" if args.repeats != 1 else "")
+    print(f"\n`python bench/sql_scale.py {' '.join(sys.argv[1:])}`: {total:,} rollout rows over {args.versions} "
+          f"versions (4 shards each; windows return {4 * rows_per_version:,} rows), {repeats}, "
+          f"alternating (the `named_query` rows after the others).")
+    print(f"Machine: {machine()}.\n")
     print("| query | median s | min–max s |")
     print("|---|---:|---:|")
-    for name, values in results.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f}–{max(values):.3f} |")
-    rows = len(window(big, args.versions - 1)())
-    print(f"\nwindow rows returned: {rows:,} (4 × {rows_per_version:,})")
+    for key, values in results.items():
+        print(f"| {names[key]} | {statistics.median(values):.3f} | {min(values):.3f}–{max(values):.3f} |")
+    print(f"\nOn disk: {disk_bytes(big.root) / 2**30:.2f} GiB for {args.versions} versions "
+          f"({disk_bytes(small.root) / 2**30:.2f} GiB for 10).")
+    print(f"Peak RSS: {rss_arrow:.2f} GiB through the aggregate and Arrow windows, {peak_rss_gib():.2f} GiB "
+          f"after the `named_query` windows.")
 
 
 if __name__ == "__main__":
