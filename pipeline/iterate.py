@@ -27,17 +27,23 @@ class IterateConfig:
 
 
 def run(config: IterateConfig) -> dict:
-    """Run the loop; returns the versions reached, the evaluations and the wall time."""
+    """Run the loop; returns the versions reached, the evaluations, per-iteration stage times and wall time.
+
+    Every stage is the same function its command calls, exchanging Parquet shards through the run
+    directory; only the models stay loaded between stages (`keep_loaded`), so one iteration reads no
+    checkpoint it just wrote.
+    """
     from roll.errors import RollError
+    from roll.policy import keep_loaded
     from roll.progress import progress_bar
-    from roll.stages import evaluate, generate, train
+    from roll.stages import evaluate, generate, score, train, verify
 
     if config.iterations < 1:
         raise RollError(f"--iterations {config.iterations}: must be at least 1")
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
     started = time.perf_counter()
-    evals = []
+    evals, timings = [], []
 
     def maybe_evaluate(version: int) -> None:
         if config.eval_every and (version % config.eval_every == 0 or version == config.iterations):
@@ -47,12 +53,25 @@ def run(config: IterateConfig) -> dict:
                 seed=gen.seed, device=gen.device))
             evals.append({"version": version, "pass@1": result["pass@1"], f"pass@{result['k']}": result[f"pass@{result['k']}"]})
 
-    with progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
+    with keep_loaded(), progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
         maybe_evaluate(0)
         for version in range(config.iterations):
-            generate.run(replace(gen, run=config.run, version=version))
-            train.run(replace(trn, run=config.run, version=version))
-            maybe_evaluate(version + 1)
+            lo, hi = train.data_window(version, trn.lag, trn.window)
+            stages = {
+                "generate": lambda: generate.run(replace(gen, run=config.run, version=version)),
+                "verify": lambda: verify.run(verify.VerifyConfig(run=config.run, versions=tuple(range(lo, hi + 1)))),
+                "score": lambda: score.run(score.ScoreConfig(run=config.run, versions=tuple(range(lo, hi + 1)),
+                                                             device=trn.device)),
+                "train": lambda: train.run(replace(trn, run=config.run, version=version)),
+                "evaluate": lambda: maybe_evaluate(version + 1),
+            }
+            seconds = {"version": version}
+            for name, stage in stages.items():
+                stage_started = time.perf_counter()
+                stage()
+                seconds[name] = round(time.perf_counter() - stage_started, 3)
+            timings.append(seconds)
             advance()
     return {"run": str(config.run), "objective": trn.objective, "lag": trn.lag, "window": trn.window,
-            "versions": config.iterations, "evaluations": evals, "seconds": round(time.perf_counter() - started, 1)}
+            "versions": config.iterations, "evaluations": evals, "stage_seconds": timings,
+            "seconds": round(time.perf_counter() - started, 1)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from roll.errors import RollError
@@ -63,11 +64,44 @@ def check_model_path(model: str | Path) -> None:
         raise RollError(f"model path {model} does not exist")
 
 
-def load_policy(path: str | Path, device: str = "cpu"):
-    """Load (model, tokenizer) from a checkpoint directory (or hub id), in float32, in eval mode."""
+# Policies kept in memory by `keep_loaded` (roll iterate runs every stage in one process): checkpoint
+# directory → (model, tokenizer). None when not keeping; stages then read checkpoints from disk as usual.
+_LOADED: dict | None = None
+KEEP_AT_MOST = 3  # π_ref, the current policy, and one more (a lagged behaviour checkpoint)
+
+
+@contextmanager
+def keep_loaded():
+    """Within this block, loading a checkpoint directory that was loaded or saved before returns the model in
+    memory instead of reading it again. `load_policy(..., to_train=True)` takes the model out (training
+    changes it in place); `save_policy` puts it back under its new directory."""
+    global _LOADED
+    previous, _LOADED = _LOADED, {}
+    try:
+        yield
+    finally:
+        _LOADED = previous
+
+
+def _remember(path, device: str, model, tokenizer) -> None:
+    if _LOADED is not None:
+        _LOADED[(str(Path(path).resolve()), device)] = (model, tokenizer)
+        while len(_LOADED) > KEEP_AT_MOST:  # forget the oldest but the first (in roll iterate: π_ref, v0)
+            _LOADED.pop(list(_LOADED)[1])
+
+
+def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
+    """Load (model, tokenizer) from a checkpoint directory (or hub id), in float32, in eval mode.
+
+    Inside `keep_loaded`, a model already in memory is returned instead: shared when loaded to evaluate,
+    handed over (and forgotten) when loaded `to_train`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    key = (str(Path(path).resolve()), device)
+    if _LOADED is not None and key in _LOADED:
+        model, tokenizer = _LOADED.pop(key) if to_train else _LOADED[key]
+        return model.eval(), tokenizer
     check_model_path(path)
     quiet_transformers()
     try:
@@ -79,6 +113,8 @@ def load_policy(path: str | Path, device: str = "cpu"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
+    if not to_train:
+        _remember(path, device, model, tokenizer)
     return model, tokenizer
 
 
@@ -102,6 +138,7 @@ def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
+    _remember(directory, str(next(model.parameters()).device).replace("cuda:0", "cuda"), model, tokenizer)
     return directory
 
 

@@ -168,7 +168,7 @@ def run(config: TrainConfig) -> dict:
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
         })
 
-    model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device))
+    model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
     step_records = optimise(model, rows, advantages, config, version, new_version, dist)
     state_dict = dist.full_state_dict(model)  # collective under FSDP: every rank takes part, rank 0 receives
     if not dist.is_main:  # only rank 0 commits; the others wait for it, then leave the process group
@@ -181,7 +181,7 @@ def run(config: TrainConfig) -> dict:
             "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
             "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records)}
     if state_dict is not None:  # FSDP: the sharded module cannot save itself; an unsharded copy can
-        model, _ = load_policy(run_dir.policy_dir(version), "cpu")
+        model, _ = load_policy(run_dir.policy_dir(version), "cpu", to_train=True)
         model.load_state_dict(state_dict)
     save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta)
     dist.finish()
