@@ -34,6 +34,7 @@ def run(config: IterateConfig) -> dict:
     checkpoint it just wrote.
     """
     from roll.errors import RollError
+    from roll.objectives import uses_reference
     from roll.policy import keep_loaded
     from roll.progress import progress_bar
     from roll.stages import evaluate, generate, score, train, verify
@@ -42,6 +43,7 @@ def run(config: IterateConfig) -> dict:
         raise RollError(f"--iterations {config.iterations}: must be at least 1")
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
+    needs_ref = uses_reference(trn.objective, trn.objective_config())  # else score skips π_ref's forward
     started = time.perf_counter()
     evals, timings = [], []
 
@@ -61,7 +63,7 @@ def run(config: IterateConfig) -> dict:
                 "generate": lambda: generate.run(replace(gen, run=config.run, version=version)),
                 "verify": lambda: verify.run(verify.VerifyConfig(run=config.run, versions=tuple(range(lo, hi + 1)))),
                 "score": lambda: score.run(score.ScoreConfig(run=config.run, versions=tuple(range(lo, hi + 1)),
-                                                             device=trn.device)),
+                                                             device=trn.device, ref=needs_ref)),
                 "train": lambda: train.run(replace(trn, run=config.run, version=version)),
                 "evaluate": lambda: maybe_evaluate(version + 1),
             }

@@ -195,8 +195,10 @@ def verify(run_path, versions, shard, verifier, timeout, workers, format_penalty
 @shard_option
 @click.option("--batch-size", default=64, help="Sequences per forward pass.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--ref/--no-ref", default=True,
+              help="Also π_ref's log-probs (--no-ref: one forward pass fewer; train re-scores if its objective needs them).")
 @click.option("--force", is_flag=True, help="Re-score committed shards.")
-def score(run_path, versions, shard, batch_size, device, force):
+def score(run_path, versions, shard, batch_size, device, ref, force):
     """Teacher-forced log-probs under the behaviour checkpoint and π_ref, into scores/version=V/.
 
     \b
@@ -209,7 +211,7 @@ def score(run_path, versions, shard, batch_size, device, force):
 
     parsed = Shard.parse(shard)
     print_summary(run_score(ScoreConfig(run=ensure_run(run_path).root, versions=versions or None, shard=parsed,
-                                        batch_size=batch_size, device=device, force=force)))
+                                        batch_size=batch_size, device=device, ref=ref, force=force)))
 
 
 TRAINING_OPTIONS = options(

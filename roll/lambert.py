@@ -126,6 +126,8 @@ def solve(advantages, beta: float, weights=None, iterations: int = 200) -> Lambe
             hi += 2.0 * abs(hi) + 1.0
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):  # the bracket is down to adjacent doubles: further halvings change nothing
+                break
             if _log_normaliser(u, log_w, math.exp(mid)) > 0:
                 lo = mid
             else:
@@ -140,6 +142,8 @@ def solve(advantages, beta: float, weights=None, iterations: int = 200) -> Lambe
         lo, hi = k_min, 0.0  # log g ≥ 0 at k_min, < 0 at 0
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
             if _log_normaliser(u, log_w, mid) >= 0:
                 lo = mid
             else:

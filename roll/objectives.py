@@ -150,6 +150,11 @@ class Objective:
     anchor: str  # "behaviour" or "ref": the policy Δ is measured against
 
 
+def uses_reference(name: str, config: ObjectiveConfig) -> bool:
+    """Whether objective `name` reads π_ref's log-probs: apo's anchor, or a KL-to-π_ref term."""
+    return OBJECTIVES[name].anchor == "ref" or (not OBJECTIVES[name].regression and config.kl_ref > 0)
+
+
 def _regression(anchor: str) -> Callable:
     return lambda batch, config: regression_loss(batch, config, anchor)
 

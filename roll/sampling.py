@@ -49,7 +49,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _cache_argument(model) -> tuple[str, dict]:
     """transformers ≥ 5.2x calls the KV cache `cache`; earlier releases call it `past_key_values`."""
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(getattr(model, "module", model).forward).parameters  # through a DDP wrapper
     name = "cache" if "cache" in params else "past_key_values"
     # only the last position's logits are needed while sampling
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -135,26 +135,27 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
 
     With `with_entropy`, also the (B, T) entropy of the sampling distribution at each position (detached).
 
-    Rows are right-padded (positions then start at 0 without help); row r's completion token j is predicted
-    by the logits at position len(prompt_r) − 1 + j. Differentiable: the trainer calls it with grad.
+    Prompts are left-padded to a common width P and completions right-padded after them, so completion token
+    j of every row is predicted by the logits at column P − 1 + j: the output head runs on those T columns
+    only (`logits_to_keep`), never on prompt positions — with a real vocabulary the (B, P, V) prompt logits
+    would be most of the memory. Differentiable: the trainer calls it with grad.
     """
     device = next(model.parameters()).device
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    width, longest = max(lengths), max(len(c) for c in completions)
-    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    gather_at = torch.zeros((len(prompts), longest), dtype=torch.long)  # logit position per completion token
+    width, longest = max(len(p) for p in prompts), max(len(c) for c in completions)
+    input_ids = torch.zeros((len(prompts), width + longest), dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width + longest), dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
     for row, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-        attention_mask[row, : len(p) + len(c)] = 1
-        gather_at[row, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        input_ids[row, width - len(p): width + len(c)] = torch.tensor(p + c)
+        attention_mask[row, width - len(p): width + len(c)] = 1
         mask[row, : len(c)] = True
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    gather_at, mask = gather_at.to(device), mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
-    logits = logits.gather(1, gather_at[:, :, None].expand(-1, -1, logits.shape[-1]))  # (B, T, V)
-    targets = input_ids.gather(1, (gather_at + 1).clamp(max=width - 1))  # (B, T) the completion tokens
+    input_ids, attention_mask, mask = input_ids.to(device), attention_mask.to(device), mask.to(device)
+    _, extra = _cache_argument(model)
+    keep = {"logits_to_keep": longest + 1} if extra else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep).logits
+    logits = logits[:, -(longest + 1):-1]  # (B, T, V): columns P − 1 … P + T − 2 predict the completion
+    targets = input_ids[:, width:]  # (B, T) the completion tokens (padding where masked)
     all_logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, T, V)
     logprobs = all_logprobs.gather(-1, targets[:, :, None]).squeeze(-1).masked_fill(~mask, 0.0)
     if not with_entropy:

@@ -30,8 +30,8 @@ from roll.errors import RollError
 # are what the stages need to stay reproducible (prompt tokens, sampler settings, verifier versions).
 
 
-def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
-    return pa.schema([pa.field(name, dtype, nullable=False) for name, dtype in fields])
+def _schema(*fields: tuple[str, pa.DataType], nullable: tuple[str, ...] = ()) -> pa.Schema:
+    return pa.schema([pa.field(name, dtype, nullable=name in nullable) for name, dtype in fields])
 
 
 _KEY = (("policy_version", pa.int64()), ("prompt_id", pa.string()), ("sample_index", pa.int64()))
@@ -67,6 +67,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("mismatch_max_abs", pa.float64()), ("mismatch_kl", pa.float64()),
         ("trainer_logprobs", pa.list_(pa.float32())), ("ref_logprobs", pa.list_(pa.float32())),
         ("group_size", pa.int64()), ("group_reward_mean", pa.float64()), ("group_reward_std", pa.float64()),
+        # null when scored with --no-ref: π_ref's forward pass is skipped unless the objective reads it
+        nullable=("ref_logprob_sum", "ref_logprobs"),
     ),
     "steps": _schema(
         ("policy_version", pa.int64()), ("step", pa.int64()), ("objective", pa.string()),
@@ -387,6 +389,8 @@ NAMED_QUERIES = {
         LEFT JOIN scores s USING (policy_version, prompt_id, sample_index)
         WHERE policy_version BETWEEN $lo AND $hi
         ORDER BY policy_version, prompt_id, sample_index""",
+    "versions_without_ref": """
+        SELECT DISTINCT policy_version FROM scores WHERE ref_logprob_sum IS NULL ORDER BY 1""",
     "optimizer_steps_between": """
         SELECT count(*) AS steps FROM steps WHERE policy_version > $lo AND policy_version <= $hi""",
     "group_rewards": """

@@ -24,6 +24,7 @@ class ScoreConfig:
     shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout shards with index ≡ i (mod N)
     batch_size: int = 64  # sequences per forward pass
     device: str = "auto"  # auto, cpu or cuda
+    ref: bool = True  # also π_ref's log-probs (False: ref columns null, one forward pass fewer)
     force: bool = False  # re-score committed shards
 
 
@@ -77,8 +78,8 @@ def run(config: ScoreConfig) -> dict:
         return summary
     device = pick_device(config.device)
     started = time.perf_counter()
-    ref_model, _ = load_policy(run_dir.require_policy(0), device)
-    models = {0: ref_model}
+    ref_model = load_policy(run_dir.require_policy(0), device)[0] if config.ref else None
+    models = {0: ref_model} if config.ref else {}
     with progress_bar("score", len(todo), "shards") as advance:
         for version, name, path in todo:
             verdict_path = run_dir.version_dir("verdicts", version) / name
@@ -87,10 +88,16 @@ def run(config: ScoreConfig) -> dict:
             rollouts = read_table(path, "rollouts")
             stats = group_stats(read_table(verdict_path, "verdicts"))
             if version not in models:
-                models = {0: ref_model, version: load_policy(run_dir.require_policy(version), device)[0]}
+                models = {**({0: ref_model} if config.ref else {}),
+                          version: load_policy(run_dir.require_policy(version), device)[0]}
             rows = rollouts.to_pylist()
             trainer = score_rows(models[version], rows, config.batch_size)
-            ref = score_rows(ref_model, rows, config.batch_size, top_p_override=1.0)
+            if not config.ref:
+                ref = [None] * len(rows)
+            elif version == 0 and all(row["top_p"] == 1.0 for row in rows):
+                ref = trainer  # π_ref is the behaviour checkpoint, at the same temperature: the same forward pass
+            else:
+                ref = score_rows(ref_model, rows, config.batch_size, top_p_override=1.0)
             columns = {column: [] for column in SCHEMAS["scores"].names}
             for row, t_lp, r_lp in zip(rows, trainer, ref):
                 diffs = [t - b for t, b in zip(t_lp, row["behaviour_logprobs"])]
@@ -100,7 +107,7 @@ def run(config: ScoreConfig) -> dict:
                 values = {
                     "policy_version": row["policy_version"], "prompt_id": row["prompt_id"],
                     "sample_index": row["sample_index"], "behaviour_logprob_sum": sum(t_lp),
-                    "ref_logprob_sum": sum(r_lp), "mismatch_max_abs": max(map(abs, diffs), default=0.0),
+                    "ref_logprob_sum": None if r_lp is None else sum(r_lp), "mismatch_max_abs": max(map(abs, diffs), default=0.0),
                     # k3 estimator of KL(π_sampler ‖ π_trainer) per token, averaged over the completion
                     "mismatch_kl": sum(math.exp(d) - 1 - d for d in diffs) / max(len(diffs), 1),
                     "trainer_logprobs": t_lp, "ref_logprobs": r_lp,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.objectives import OBJECTIVES, ObjectiveConfig
+from roll.objectives import OBJECTIVES, ObjectiveConfig, uses_reference
 from roll.store import Run
 
 
@@ -75,17 +75,27 @@ def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
     return max(0, version - lag - window + 1), max(0, version - lag)
 
 
-def prepare(run: Run, versions: list[int]) -> None:
-    """Verify and score the selected versions that lack verdicts or scores, saying so in one line each."""
+def prepare(run: Run, versions: list[int], ref: bool = True) -> None:
+    """Verify and score the selected versions that lack verdicts or scores, saying so in one line each.
+
+    With `ref`, scores must hold π_ref's log-probs: versions scored without them (`--no-ref`) are re-scored.
+    """
     from roll.stages import score, verify
-    from roll.store import Shard
+    from roll.store import Shard, named_query
 
     for table, stage, config in (("verdicts", verify, verify.VerifyConfig), ("scores", score, score.ScoreConfig)):
         todo = sorted({v for v, _, _ in verify.pending_shards(run, table, versions, Shard(0, 1), False)})
         if todo:
             print(f"roll: {table} missing for version(s) {', '.join(map(str, todo))}; running {stage.__name__.split('.')[-1]}",
                   file=sys.stderr)
-            stage.run(config(run=run.root, versions=tuple(todo)))
+            extra = {"ref": ref} if stage is score else {}
+            stage.run(config(run=run.root, versions=tuple(todo), **extra))
+    if ref:
+        lacking = [r["policy_version"] for r in named_query(run, "versions_without_ref", versions=versions)]
+        if lacking:
+            print(f"roll: scores of version(s) {', '.join(map(str, lacking))} have no π_ref log-probs; re-scoring",
+                  file=sys.stderr)
+            score.run(score.ScoreConfig(run=run.root, versions=tuple(lacking), ref=True, force=True))
 
 
 def load_rows(run: Run, lo: int, hi: int) -> list[dict]:
@@ -133,11 +143,11 @@ def run(config: TrainConfig) -> dict:
                         f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
                         f"run `roll generate --version {hi}`)")
     dist = Distributed.from_env(config.fsdp)
-    if dist.is_main:
-        prepare(run_dir, data_versions)
+    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
+    if dist.is_main:  # π_ref's forward pass only when the objective reads it
+        prepare(run_dir, data_versions, ref=uses_reference(config.objective, ocfg))
     dist.barrier()  # every rank reads the same committed verdicts and scores
     rows = load_rows(run_dir, lo, hi)
-    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
     started = time.perf_counter()
 
     # advantages and Lambert diagnostics, per group (one prompt's samples from one behaviour version)
@@ -226,7 +236,10 @@ def optimise(model, rows: list[dict], advantages, config: TrainConfig, version: 
                 step_started = time.perf_counter()
                 mini = order[start:start + config.mini_batch]
                 mini_tokens = sum(len(rows[i]["token_ids"]) for i in mini)  # global: every rank knows all rows
-                mine = mini[dist.rank::dist.world]
+                # this rank's rows, shortest first, so each micro-batch pads to a similar length (length
+                # bucketing: a step's gradient is the same sum over the same rows, with far less padding)
+                mine = sorted(mini[dist.rank::dist.world],
+                              key=lambda i: (len(rows[i]["token_ids"]), len(rows[i]["prompt_token_ids"])))
                 micro_batches = [mine[j:j + config.micro_batch] for j in range(0, len(mine), config.micro_batch)]
                 optimizer.zero_grad(set_to_none=True)
                 totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
@@ -377,6 +390,8 @@ def padded(lists: list[list[float]], mask):
 
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     for row, values in enumerate(lists):
+        if values is None:  # π_ref log-probs of a version scored --no-ref: read by no objective that got here
+            continue
         out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
     return out
 

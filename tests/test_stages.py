@@ -113,3 +113,48 @@ def test_train_on_the_default_model_reads_lagged_data(run_dir):
         train(TrainConfig(run=run_dir, objective="stable-pess", lag=1, mini_batch=16, micro_batch=16))
     assert query(Run(run_dir), "select policy_version, data_version, lag from groups group by all order by 1").fetchall() == [
         (1, 0, 0), (2, 0, 1)]
+
+
+def test_score_without_ref_then_an_objective_that_reads_ref_rescores(run_dir, capfd):
+    from roll.stages.train import prepare
+
+    generate(GenerateConfig(run=run_dir, prompts=3, group_size=2, max_new_tokens=8))
+    verify(VerifyConfig(run=run_dir))
+    roll_cli("score", "--run", run_dir, "--no-ref")
+    r = Run(run_dir)
+    nulls = "select count(*) filter (where ref_logprob_sum is null), count(*) filter (where ref_logprobs is null), count(*) from scores"
+    assert query(r, nulls).fetchone() == (6, 6, 6)
+    behaviour = query(r, "select behaviour_logprob_sum from scores order by prompt_id, sample_index").fetchall()
+    prepare(r, [0], ref=False)  # an objective that does not read π_ref leaves them as they are
+    assert query(r, nulls).fetchone() == (6, 6, 6)
+    prepare(r, [0], ref=True)  # apo or --kl-ref: re-scored, and said so
+    assert "have no π_ref log-probs; re-scoring" in capfd.readouterr().err
+    assert query(r, nulls).fetchone() == (0, 0, 6)
+    # at version 0 with top-p 1, π_ref is the behaviour checkpoint: its log-probs are the trainer's
+    assert query(r, "select count(*) from scores where ref_logprobs <> trainer_logprobs").fetchone() == (0,)
+    assert query(r, "select behaviour_logprob_sum from scores order by prompt_id, sample_index").fetchall() == behaviour
+
+
+def test_keep_loaded_shares_models_but_never_hands_out_trained_weights_under_an_old_version(run_dir):
+    """roll iterate keeps models in memory between stages; training changes a model in place, so a later
+    load of the version it started from must read that version's own weights again."""
+    from roll.policy import keep_loaded
+
+    r = Run(run_dir)
+    with keep_loaded():
+        first, _ = load_policy(r.policy_dir(0))
+        assert load_policy(r.policy_dir(0))[0] is first  # shared while nobody trains it
+        generate(GenerateConfig(run=run_dir, prompts=3, group_size=2, max_new_tokens=8))
+        verify(VerifyConfig(run=run_dir))
+        path = r.shard_path("verdicts", 0, Shard(0, 1))  # the tiny model never answers right: give it a signal
+        verdicts = pq.read_table(path)
+        rewards = pa.array([float(i % 2) for i in verdicts.column("sample_index").to_pylist()])
+        write_table(path, "verdicts", verdicts.set_column(verdicts.schema.get_field_index("reward"), "reward", rewards))
+        train(TrainConfig(run=run_dir, objective="pg", mini_batch=6, micro_batch=6, lr=1e-2))
+        again, _ = load_policy(r.policy_dir(0))
+        trained, _ = load_policy(r.policy_dir(1))
+        assert trained is first and again is not first  # train took v0's model and made it v1
+    on_disk = {"v0": load_policy(r.policy_dir(0))[0].state_dict(), "v1": load_policy(r.policy_dir(1))[0].state_dict()}
+    assert all(torch.equal(again.state_dict()[k], on_disk["v0"][k]) for k in on_disk["v0"])
+    assert all(torch.equal(trained.state_dict()[k], on_disk["v1"][k]) for k in on_disk["v1"])
+    assert any(not torch.equal(on_disk["v0"][k], on_disk["v1"][k]) for k in on_disk["v0"])

@@ -1,0 +1,114 @@
+"""Stages as separate processes against `roll iterate` in one process, and the peak memory of each stage.
+
+One iteration = generate → verify → score → train → evaluate. Separate: five `roll` commands per iteration,
+each a fresh process (as a shell script or a Slurm job array runs them), so process start-up and imports
+are paid five times. In-process: `roll iterate` (one process, models kept loaded between stages). Same
+settings on both sides: 64 prompts × G = 8, at most 48 new tokens, stable-pess (so π_ref's forward pass is
+skipped: `roll score --no-ref`, as iterate does), evaluation of the new version on `--eval-limit` held-out
+prompts × k = 4. Alternating repeats; each repeat runs `--iterations` iterations on a fresh run and the
+first iteration of each is dropped (one-off costs). Peak RSS per stage is the process's own maximum
+resident set (wait4's ru_maxrss), for the separate processes.
+
+    python bench/stage_processes.py [--repeats 3] [--iterations 4] [--eval-limit 32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGES = ("generate", "verify", "score", "train", "evaluate")
+
+
+def run_process(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{err.decode()[-3000:]}")
+    return wall, usage.ru_maxrss / 1024  # Linux reports kB
+
+
+def separate(work: Path, iterations: int, eval_limit: int, env: dict) -> list[dict]:
+    run = str(work / "separate")
+    roll = [sys.executable, "-m", "roll"]
+    run_process([*roll, "init", "--run", run], env)
+    per_iteration = []
+    for version in range(iterations):
+        commands = {
+            "generate": ["generate", "--version", str(version)],
+            "verify": ["verify", "--version", str(version)],
+            "score": ["score", "--version", str(version), "--no-ref"],
+            "train": ["train", "--version", str(version), "--objective", "stable-pess"],
+            "evaluate": ["evaluate", "--version", str(version + 1), "--limit", str(eval_limit), "--k", "4"],
+        }
+        record = {}
+        for stage, args in commands.items():
+            record[stage], record[f"{stage}_rss_mb"] = run_process([*roll, *args, "--run", run], env)
+        per_iteration.append(record)
+    return per_iteration
+
+
+def in_process(work: Path, iterations: int, eval_limit: int, env: dict) -> list[dict]:
+    """`roll iterate` in one child process; its summary carries each iteration's stage times."""
+    import json
+
+    run = str(work / "inprocess")
+    roll = [sys.executable, "-m", "roll"]
+    run_process([*roll, "init", "--run", run], env)
+    proc = subprocess.run([*roll, "iterate", "--run", run, "--iterations", str(iterations), "--objective",
+                           "stable-pess", "--eval-every", "1", "--eval-limit", str(eval_limit), "--eval-k", "4"],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"roll iterate failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout[proc.stdout.index("{"):])["stage_seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--eval-limit", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+
+    separate_totals, inprocess_totals, records, ratios = [], [], [], []
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory() as work:
+            order = (separate, in_process) if repeat % 2 == 0 else (in_process, separate)
+            results = {fn.__name__: fn(Path(work), args.iterations, args.eval_limit, env) for fn in order}
+        sep = [sum(r[s] for s in STAGES) for r in results["separate"][1:]]
+        inp = [sum(r[s] for s in STAGES) for r in results["in_process"][1:]]
+        separate_totals += sep
+        inprocess_totals += inp
+        records += results["separate"][1:]
+        ratios.append(statistics.median(sep) / statistics.median(inp))
+        print(f"repeat {repeat + 1}: separate {statistics.median(sep):.2f} s/iteration, in-process "
+              f"{statistics.median(inp):.2f} s, ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
+
+    print(f"\n{args.repeats} alternating repeats × {args.iterations - 1} measured iterations, eval on "
+          f"{args.eval_limit} prompts × 4, {args.threads} threads\n")
+    print("| | median s/iteration | min–max s |")
+    print("|---|---:|---:|")
+    for name, values in (("five `roll` processes", separate_totals), ("`roll iterate`, one process", inprocess_totals)):
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f}–{max(values):.2f} |")
+    print(f"\nratio per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; median **{statistics.median(ratios):.2f}×**\n")
+    print("| stage (separate process) | median wall s | peak RSS MB |")
+    print("|---|---:|---:|")
+    for stage in STAGES:
+        print(f"| {stage} | {statistics.median(r[stage] for r in records):.2f} | "
+              f"{max(r[f'{stage}_rss_mb'] for r in records):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
