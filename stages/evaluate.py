@@ -79,12 +79,12 @@ def run(config: EvaluateConfig) -> dict:
     samples = []
     with progress_bar(f"evaluate v{version} on {name}", len(rows) * config.k, "sequences") as advance:
         for start in range(0, len(rows), per_batch):
-            batch = [ids for ids in prompt_ids[start:start + per_batch] for _ in range(config.k)]
+            batch = prompt_ids[start:start + per_batch]
             samples += sample_batch(model, batch, max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p,
                                     eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                    generator=generator)
-            advance(len(batch))
+                                    generator=generator, group_size=config.k)
+            advance(len(batch) * config.k)
     completions = [tokenizer.decode([t for t in s.token_ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
                    for s in samples]
     answers = [r["answer"] for r in rows for _ in range(config.k)]

@@ -88,10 +88,9 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
         for start in range(0, len(prompt_ids), prompts_per_batch):
             batch_ids = prompt_ids[start:start + prompts_per_batch]
             batch_prompts = prompt_tokens[start:start + prompts_per_batch]
-            rows = [ids for ids in batch_prompts for _ in range(group_size)]  # (prompts × G) rows
-            samples = sample_batch(model, rows, max_new_tokens=max_new_tokens, temperature=temperature,
+            samples = sample_batch(model, batch_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                   generator=generator)
+                                   generator=generator, group_size=group_size)  # (prompts × G) rows, prompt-major
             for row, sample in enumerate(samples):
                 prompt_index, sample_index = divmod(row, group_size)
                 completion_ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
