@@ -112,3 +112,19 @@ def test_generate_killed_mid_run_then_rerun_completes(run_dir):
     assert not r.shards("rollouts", 0) or proc.returncode == -signal.SIGKILL
     roll_cli(*args[3:])
     assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(256, 32)]
+
+
+def test_load_policy_fuses_tanh_gelu_without_changing_the_function(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from roll.policy import load_policy
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    fused, _ = load_policy(tiny_model_dir)
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    ids = torch.randint(0, plain.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gap = (plain(ids).logits - fused(ids).logits).abs().max().item()
+    assert gap < 1e-4  # a different kernel for the same function
