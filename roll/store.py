@@ -318,35 +318,50 @@ class Run:
             return str(self.root / "evals" / "version=*" / "*.parquet")
         return str(self.root / table / "version=*" / "*.parquet")  # temporaries end in .tmp, never match
 
-    def connect(self, versions: range | None = None):
+    def connect(self, versions: range | None = None, tables: set[str] | None = None, union_by_name: bool = False):
         """An in-memory DuckDB connection with a view per table (and `samples`, their join).
 
         Views read the committed Parquet files directly, so a query sees every shard committed before it
         started and never a temporary file (hidden names that end in .tmp, which no view lists). With
         `versions`, the rollouts, verdicts and scores views list only those versions' files, so a lag
-        window costs the same whatever the length of the history behind it.
+        window costs the same whatever the length of the history behind it. With `tables`, only those
+        views are made: creating a view reads the footer of every file it lists, which over 100 versions
+        of history was slower than the query itself. Files are matched by column name; `union_by_name`
+        also admits files that lack a column (a hand-written shard), at the price of reading every footer
+        at bind time, so callers retry with it only when the fast path fails (see `query`).
         """
         import duckdb
 
         con = duckdb.connect(":memory:")
-        for table in SCHEMAS:
+        wanted = set(SCHEMAS) if tables is None else set(tables) | (SAMPLES_TABLES if "samples" in tables else set())
+        for table in (t for t in SCHEMAS if t in wanted):
             if versions is not None and table in SHARDED_TABLES:
                 files = [str(p) for v in versions for p in self.files(table, v).values()]
             else:
                 files = sorted(glob.glob(self.table_glob(table)))
             if files:
                 listed = "[" + ", ".join(_sql_str(f) for f in files) + "]"
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listed}, union_by_name=true, "
-                            "hive_partitioning=false)")
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listed}, "
+                            f"union_by_name={str(union_by_name).lower()}, hive_partitioning=false)")
             else:
                 con.register(f"_empty_{table}", empty_table(table))
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
-        con.execute(
-            "CREATE VIEW samples AS SELECT * FROM rollouts "
-            "LEFT JOIN verdicts USING (policy_version, prompt_id, sample_index) "
-            "LEFT JOIN scores USING (policy_version, prompt_id, sample_index)"
-        )
+        if "samples" in wanted:
+            con.execute(
+                "CREATE VIEW samples AS SELECT * FROM rollouts "
+                "LEFT JOIN verdicts USING (policy_version, prompt_id, sample_index) "
+                "LEFT JOIN scores USING (policy_version, prompt_id, sample_index)"
+            )
         return con
+
+
+SAMPLES_TABLES = {"rollouts", "verdicts", "scores"}
+
+
+def referenced_tables(sql: str) -> set[str]:
+    """The run's tables (and `samples`) that `sql` names; a name inside a string literal only adds a view."""
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    return words & (set(SCHEMAS) | {"samples"})
 
 
 def _sql_str(text: str) -> str:
@@ -360,7 +375,7 @@ def query(run: Run, sql: str):
     """Run user SQL over the run's views, refusing anything but reads. Returns a DuckDB relation result."""
     import duckdb
 
-    con = run.connect()
+    con = duckdb.connect(":memory:")
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
@@ -371,12 +386,16 @@ def query(run: Run, sql: str):
         kind = statement.type.name
         if kind not in READ_ONLY_STATEMENTS:
             raise RollError(f"SQL: roll sql is read-only; {kind} statements are not allowed")
-    try:
-        for statement in statements[:-1]:
-            con.execute(statement.query)
-        return con.execute(statements[-1].query)
-    except duckdb.Error as exc:
-        raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
+    tables = referenced_tables(sql)
+    for union_by_name in (False, True):  # the fast path; then the one that admits files lacking a column
+        con = run.connect(tables=tables, union_by_name=union_by_name)
+        try:
+            for statement in statements[:-1]:
+                con.execute(statement.query)
+            return con.execute(statements[-1].query)
+        except duckdb.Error as exc:
+            if union_by_name:
+                raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
 
 
 # Named, parameterised queries the stages run; user input only ever arrives as a parameter.
@@ -403,13 +422,21 @@ NAMED_QUERIES = {
 }
 
 
-def _execute(run: Run, name: str, versions: range | None, params: dict):
+def _execute(run: Run, name: str, versions: range | None, params: dict, arrow: bool = False):
     import duckdb
 
-    try:
-        return run.connect(versions).execute(NAMED_QUERIES[name], params)
-    except duckdb.Error as exc:
-        raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
+    sql = NAMED_QUERIES[name]
+    for union_by_name in (False, True):  # as in `query`
+        con = run.connect(versions, referenced_tables(sql), union_by_name)
+        try:
+            if not arrow:
+                return con.execute(sql, params)
+            # a relation, not a cursor: DuckDB hands a relation's rows to Arrow without an extra copy
+            relation = con.sql(sql, params=params)
+            return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+        except duckdb.Error as exc:
+            if union_by_name:
+                raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
 
 
 def named_query(run: Run, name: str, versions: range | None = None, **params) -> list[dict]:
@@ -422,10 +449,4 @@ def named_query(run: Run, name: str, versions: range | None = None, **params) ->
 def named_query_arrow(run: Run, name: str, versions: range | None = None, **params) -> pa.Table:
     """The named query's result as a pyarrow table: list columns stay Arrow buffers (no Python objects per
     token), which is what makes a lag window of millions of rows cheap to hand to torch."""
-    import duckdb
-
-    try:  # a relation, not a cursor: DuckDB hands a relation's rows to Arrow without an extra copy
-        relation = run.connect(versions).sql(NAMED_QUERIES[name], params=params)
-        return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
-    except duckdb.Error as exc:
-        raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
+    return _execute(run, name, versions, params, arrow=True)
