@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep complete histories already in --dir")
     args = parser.parse_args()
 
+    from roll.stages.train import load_rows
     from roll.store import Run, named_query, named_query_arrow, query
 
     base = Path(args.dir)
@@ -177,6 +178,8 @@ def main() -> None:
         "cli1": "`roll sql \"select 1\"` subprocess wall time (start-up alone, for comparison)",
         "w10": "window of 4 versions, 10 versions of history, `named_query_arrow` (Arrow table)",
         "w100": f"window of 4 versions, {args.versions} versions of history, `named_query_arrow` (Arrow table)",
+        "t10": "train's `load_rows` (the window + completeness checks + columns for torch), 10 versions of history",
+        "t100": f"train's `load_rows`, {args.versions} versions of history",
         "d10": "window of 4 versions, 10 versions of history, `named_query` (list of dicts, Python objects)",
         "d100": f"window of 4 versions, {args.versions} versions of history, `named_query` (list of dicts, Python objects)",
     }
@@ -187,6 +190,8 @@ def main() -> None:
         results["cli1"] += timed(cli("select 1"), 1)
         results["w10"] += timed(arrow_small, 1)
         results["w100"] += timed(arrow_big, 1)
+        results["t10"] += timed(lambda: load_rows(small, hi_small - 3, hi_small), 1)
+        results["t100"] += timed(lambda: load_rows(big, hi_big - 3, hi_big), 1)
     # measured after the Arrow repeats: the dict path's Python objects would otherwise set the peak
     rss_arrow = peak_rss_gib()
     for _ in range(args.repeats):

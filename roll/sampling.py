@@ -157,8 +157,9 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     input_ids = torch.zeros((len(prompts), width + longest), dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width + longest), dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[row, width - len(p): width + len(c)] = torch.tensor(p + c)
+    for row, (p, c) in enumerate(zip(prompts, completions)):  # lists or NumPy arrays (train's Window)
+        input_ids[row, width - len(p): width] = torch.tensor(p)
+        input_ids[row, width: width + len(c)] = torch.tensor(c)
         attention_mask[row, width - len(p): width + len(c)] = 1
         mask[row, : len(c)] = True
     input_ids, attention_mask, mask = input_ids.to(device), attention_mask.to(device), mask.to(device)

@@ -333,7 +333,8 @@ class Run:
         import duckdb
 
         con = duckdb.connect(":memory:")
-        wanted = set(SCHEMAS) if tables is None else set(tables) | (SAMPLES_TABLES if "samples" in tables else set())
+        tables = set(SCHEMAS) | {"samples"} if tables is None else set(tables)
+        wanted = tables | (SAMPLES_TABLES if "samples" in tables else set())
         for table in (t for t in SCHEMAS if t in wanted):
             if versions is not None and table in SHARDED_TABLES:
                 files = [str(p) for v in versions for p in self.files(table, v).values()]

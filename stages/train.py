@@ -98,18 +98,68 @@ def prepare(run: Run, versions: list[int], ref: bool = True) -> None:
             score.run(score.ScoreConfig(run=run.root, versions=tuple(lacking), ref=True, force=True))
 
 
-def load_rows(run: Run, lo: int, hi: int) -> list[dict]:
-    """Every sample of behaviour versions lo…hi with its reward and scores, checked complete and finite."""
-    from roll.store import named_query
+class Window:
+    """The lag window's rows, as columns: scalars as Python lists, list columns (token ids, log-probs) as one
+    flat NumPy array with offsets each, straight from Arrow's buffers — so a window of 400k rows creates no
+    Python object per token. `window[i][name]` reads one row (a list column as a NumPy slice, or None)."""
 
-    rows = named_query(run, "window_samples", versions=range(lo, hi + 1), lo=lo, hi=hi)
-    for row in rows:
-        where = f"version {row['policy_version']}, prompt {row['prompt_id']}, sample {row['sample_index']}"
-        if row["reward"] is None or row["trainer_logprobs"] is None:
-            raise RollError(f"{run.root}: {where} has no verdict or score")
-        if not math.isfinite(row["reward"]):
-            raise RollError(f"{run.root}: {where} has reward {row['reward']}; rewards must be finite")
-    return rows
+    LISTS = ("prompt_token_ids", "token_ids", "trainer_logprobs", "ref_logprobs")
+
+    def __init__(self, table):
+        import numpy as np
+
+        self.size = table.num_rows
+        self.scalars = {name: table.column(name).to_pylist() for name in table.column_names if name not in self.LISTS}
+        self.lists = {}
+        for name in self.LISTS:
+            column = table.column(name).combine_chunks()
+            offsets = np.asarray(column.offsets)
+            valid = np.ones(len(column), bool) if column.null_count == 0 else np.asarray(column.is_valid())
+            self.lists[name] = (np.asarray(column.flatten()), offsets - offsets[0], valid)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> "_Row":
+        return _Row(self, i)
+
+    def __iter__(self):
+        return (_Row(self, i) for i in range(self.size))
+
+    def length(self, name: str, i: int) -> int:
+        offsets = self.lists[name][1]
+        return int(offsets[i + 1] - offsets[i])
+
+
+class _Row:
+    __slots__ = ("window", "index")
+
+    def __init__(self, window: Window, index: int):
+        self.window, self.index = window, index
+
+    def __getitem__(self, name: str):
+        if name in self.window.lists:
+            values, offsets, valid = self.window.lists[name]
+            i = self.index
+            return values[offsets[i]:offsets[i + 1]] if valid[i] else None
+        return self.window.scalars[name][self.index]
+
+
+def load_rows(run: Run, lo: int, hi: int) -> Window:
+    """Every sample of behaviour versions lo…hi with its reward and scores, checked complete and finite."""
+    import pyarrow.compute as pc
+
+    from roll.store import named_query_arrow
+
+    table = named_query_arrow(run, "window_samples", versions=range(lo, hi + 1), lo=lo, hi=hi)
+    incomplete = pc.or_(pc.is_null(table.column("reward")), pc.is_null(table.column("trainer_logprobs")))
+    infinite = pc.invert(pc.is_finite(pc.fill_null(table.column("reward"), 0.0)))
+    for bad, problem in ((incomplete, "has no verdict or score"), (infinite, "has reward {reward}; rewards must be finite")):
+        if pc.any(bad).as_py():
+            row = table.slice(pc.index(bad, True).as_py(), 1).to_pylist()[0]
+            where = f"version {row['policy_version']}, prompt {row['prompt_id']}, sample {row['sample_index']}"
+            raise RollError(f"{run.root}: {where} {problem.format(reward=row['reward'])}")
+    return Window(table)
 
 
 def steps_since(run: Run, data_version: int, version: int) -> int:
@@ -152,8 +202,8 @@ def run(config: TrainConfig) -> dict:
 
     # advantages and Lambert diagnostics, per group (one prompt's samples from one behaviour version)
     groups: dict[tuple[int, str], list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault((row["policy_version"], row["prompt_id"]), []).append(i)
+    for i, key in enumerate(zip(rows.scalars["policy_version"], rows.scalars["prompt_id"])):
+        groups.setdefault(key, []).append(i)
     ref_values = {}
     if config.objective == "apo" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
         ref_values = reference_values(run_dir, rows, config)
@@ -202,11 +252,11 @@ def run(config: TrainConfig) -> dict:
     return {"run": str(run_dir.root), "version": new_version, "skipped": False, "objective": config.objective,
             "data_versions": data_versions, "rows": len(rows), "groups": len(group_records),
             "steps": len(step_records), "loss": step_records[-1]["loss"], "regimes": regimes,
-            "k_min": min(ks) if ks else None, "reward_mean": float(np.mean([r["reward"] for r in rows])),
+            "k_min": min(ks) if ks else None, "reward_mean": float(np.mean(rows.scalars["reward"])),
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-def optimise(model, rows: list[dict], advantages, config: TrainConfig, version: int, new_version: int, dist) -> list[dict]:
+def optimise(model, rows: Window, advantages, config: TrainConfig, version: int, new_version: int, dist) -> list[dict]:
     """epochs × mini-batches of optimiser steps; returns one metrics record per step (reduced over ranks).
 
     Under torchrun each rank takes every world-th row of each mini-batch; gradients are summed across
@@ -235,11 +285,11 @@ def optimise(model, rows: list[dict], advantages, config: TrainConfig, version: 
             for start in range(0, len(order), config.mini_batch):
                 step_started = time.perf_counter()
                 mini = order[start:start + config.mini_batch]
-                mini_tokens = sum(len(rows[i]["token_ids"]) for i in mini)  # global: every rank knows all rows
+                mini_tokens = sum(rows.length("token_ids", i) for i in mini)  # global: every rank knows all rows
                 # this rank's rows, shortest first, so each micro-batch pads to a similar length (length
                 # bucketing: a step's gradient is the same sum over the same rows, with far less padding)
                 mine = sorted(mini[dist.rank::dist.world],
-                              key=lambda i: (len(rows[i]["token_ids"]), len(rows[i]["prompt_token_ids"])))
+                              key=lambda i: (rows.length("token_ids", i), rows.length("prompt_token_ids", i)))
                 micro_batches = [mine[j:j + config.micro_batch] for j in range(0, len(mine), config.micro_batch)]
                 optimizer.zero_grad(set_to_none=True)
                 totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
@@ -392,11 +442,11 @@ def padded(lists: list[list[float]], mask):
     for row, values in enumerate(lists):
         if values is None:  # π_ref log-probs of a version scored --no-ref: read by no objective that got here
             continue
-        out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+        out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)  # a copy: Arrow buffers are read-only
     return out
 
 
-def reference_values(run: Run, rows: list[dict], config: TrainConfig) -> dict[str, float]:
+def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, float]:
     """apo's V* per prompt: β₁·log mean e^{r/β₁} over the prompt's version-0 samples.
 
     Prompts of later versions have no version-0 samples yet: they are generated from v0 with the same
@@ -420,7 +470,7 @@ def reference_values(run: Run, rows: list[dict], config: TrainConfig) -> dict[st
     return {pid: float(soft_value(torch.tensor(r, dtype=torch.float64), config.beta1)) for pid, r in rewards.items()}
 
 
-def supplement_version0(run: Run, prompt_ids: list[str], rows: list[dict], tag: str) -> None:
+def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str) -> None:
     """Sample version-0 completions for `prompt_ids` with the sampler settings of `rows`; verify and score them."""
     from roll.policy import load_policy, pick_device
     from roll.stages.generate import prompt_tokens, sample_rollouts

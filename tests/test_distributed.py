@@ -44,8 +44,11 @@ def test_torchrun_two_ranks_match_one_process(run_dir, tmp_path, objective, shar
     before = load_file(Run(run_dir).policy_dir(0) / "model.safetensors")
     moved = max((a[k] - before[k]).abs().max().item() for k in a)
     assert moved > 1e-3  # two real optimiser steps happened (Adam moves each weight by up to ~lr a step)
-    # Adam divides by sqrt(v): summation order can move near-zero-gradient weights by ~1e-3 of a step
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Adam divides by sqrt(v): summation order can move near-zero-gradient weights by ~1e-3 of a step; FSDP's
+    # reduce-scatter sums in yet another order (seen: 1.2e-5 on one weight, ~1 % of one lr-sized step)
+    gaps = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert gaps.max().item() < (5e-5 if sharding else 1e-5)
+    assert gaps.median().item() < 1e-7, gaps.median()  # the weights agree almost everywhere to float precision
     # metrics reduced across ranks equal the single process's
     steps_a = Run(run_dir).connect().execute("select loss, tokens, entropy, ratio_max from steps order by step").fetchall()
     steps_b = Run(single).connect().execute("select loss, tokens, entropy, ratio_max from steps order by step").fetchall()

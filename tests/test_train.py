@@ -101,13 +101,17 @@ def test_bad_input_gives_one_clear_line(run_dir, tmp_path):
 
 def test_killed_update_leaves_no_new_version_and_a_rerun_completes(run_dir):
     generate(GenerateConfig(run=run_dir, prompts=16, group_size=8, max_new_tokens=32))
-    args = [sys.executable, "-m", "roll", "train", "--run", str(run_dir), "--epochs", "40", "--mini-batch", "32",
+    args = [sys.executable, "-m", "roll", "train", "--run", str(run_dir), "--epochs", "1000", "--mini-batch", "32",
             "--micro-batch", "8"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(8)  # verify, score and the first optimiser steps are done by now; 80 steps are far from it
+    r = Run(run_dir)
+    deadline = time.monotonic() + 120
+    while not r.files("scores", 0) and time.monotonic() < deadline:  # verify and score have run
+        time.sleep(0.2)
+    time.sleep(2)  # inside the optimiser steps now; 4,000 of them are far from done
+    assert proc.poll() is None, "the update finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = Run(run_dir)
     assert r.policy_versions() == [0] and not r.policy_dir(1).exists()
     done = subprocess.run(args[:6] + ["--epochs", "1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
