@@ -9,7 +9,7 @@ prompts × k = 4. Alternating repeats; each repeat runs `--iterations` iteration
 first iteration of each is dropped (one-off costs). Peak RSS per stage is the process's own maximum
 resident set (wait4's ru_maxrss), for the separate processes.
 
-    python bench/stage_processes.py [--repeats 3] [--iterations 4] [--eval-limit 32]
+    python bench/stage_processes.py [--repeats 3] [--iterations 4] [--eval-limit 32] [--prompts 64]
 """
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def run_process(command: list[str], env: dict) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # Linux reports kB
 
 
-def separate(work: Path, iterations: int, eval_limit: int, env: dict) -> list[dict]:
+def separate(work: Path, iterations: int, eval_limit: int, prompts: int, env: dict) -> list[dict]:
     run = str(work / "separate")
     roll = [sys.executable, "-m", "roll"]
     run_process([*roll, "init", "--run", run], env)
     per_iteration = []
     for version in range(iterations):
         commands = {
-            "generate": ["generate", "--version", str(version)],
+            "generate": ["generate", "--version", str(version), "--prompts", str(prompts)],
             "verify": ["verify", "--version", str(version)],
             "score": ["score", "--version", str(version), "--no-ref"],
             "train": ["train", "--version", str(version), "--objective", "stable-pess"],
@@ -58,7 +58,7 @@ def separate(work: Path, iterations: int, eval_limit: int, env: dict) -> list[di
     return per_iteration
 
 
-def in_process(work: Path, iterations: int, eval_limit: int, env: dict) -> list[dict]:
+def in_process(work: Path, iterations: int, eval_limit: int, prompts: int, env: dict) -> list[dict]:
     """`roll iterate` in one child process; its summary carries each iteration's stage times."""
     import json
 
@@ -66,7 +66,7 @@ def in_process(work: Path, iterations: int, eval_limit: int, env: dict) -> list[
     roll = [sys.executable, "-m", "roll"]
     run_process([*roll, "init", "--run", run], env)
     proc = subprocess.run([*roll, "iterate", "--run", run, "--iterations", str(iterations), "--objective",
-                           "stable-pess", "--eval-every", "1", "--eval-limit", str(eval_limit), "--eval-k", "4"],
+                           "stable-pess", "--prompts", str(prompts), "--eval-every", "1", "--eval-limit", str(eval_limit), "--eval-k", "4"],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"roll iterate failed:\n{proc.stderr[-3000:]}")
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--eval-limit", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per iteration (× G = 8 completions)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
 
@@ -86,7 +87,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as work:
             order = (separate, in_process) if repeat % 2 == 0 else (in_process, separate)
-            results = {fn.__name__: fn(Path(work), args.iterations, args.eval_limit, env) for fn in order}
+            results = {fn.__name__: fn(Path(work), args.iterations, args.eval_limit, args.prompts, env) for fn in order}
         sep = [sum(r[s] for s in STAGES) for r in results["separate"][1:]]
         inp = [sum(r[s] for s in STAGES) for r in results["in_process"][1:]]
         separate_totals += sep
@@ -96,7 +97,8 @@ def main() -> None:
         print(f"repeat {repeat + 1}: separate {statistics.median(sep):.2f} s/iteration, in-process "
               f"{statistics.median(inp):.2f} s, ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
 
-    print(f"\n{args.repeats} alternating repeats × {args.iterations - 1} measured iterations, eval on "
+    print(f"\n{args.prompts} prompts × 8 per iteration; {args.repeats} alternating repeats × {args.iterations - 1} "
+          f"measured iterations, eval on "
           f"{args.eval_limit} prompts × 4, {args.threads} threads\n")
     print("| | median s/iteration | min–max s |")
     print("|---|---:|---:|")
