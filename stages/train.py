@@ -113,9 +113,9 @@ class Window:
         self.lists = {}
         for name in self.LISTS:
             column = table.column(name).combine_chunks()
-            offsets = np.asarray(column.offsets)
+            # raw offsets index the child array (`values`, not `flatten()`, which drops what null rows cover)
             valid = np.ones(len(column), bool) if column.null_count == 0 else np.asarray(column.is_valid())
-            self.lists[name] = (np.asarray(column.flatten()), offsets - offsets[0], valid)
+            self.lists[name] = (np.asarray(column.values), np.asarray(column.offsets), valid)
 
     def __len__(self) -> int:
         return self.size

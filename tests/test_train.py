@@ -116,3 +116,29 @@ def test_killed_update_leaves_no_new_version_and_a_rerun_completes(run_dir):
     done = subprocess.run(args[:6] + ["--epochs", "1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert r.policy_versions() == [0, 1]
+
+
+def test_window_reads_rows_from_arrow_buffers_including_slices_and_nulls():
+    """train's Window hands out each row's list columns as slices of Arrow's flat buffers: a sliced
+    table (as DuckDB may return) and null lists (π_ref scored --no-ref) must give each row its own values."""
+    import pyarrow as pa
+
+    from roll.stages.train import Window
+
+    def lists(values, kind):
+        return pa.array(values, pa.list_(kind)).slice(1)
+
+    table = pa.table({
+        "prompt_token_ids": lists([[9, 9], [3], None, [4, 5, 6]], pa.int32()),
+        "token_ids": lists([[9], [2, 3], [4], [5]], pa.int32()),
+        "trainer_logprobs": lists([[-9.0], [-0.2, -0.3], [-0.4], [-0.5]], pa.float32()),
+        "ref_logprobs": lists([[-9.0], None, [-1.0], None], pa.float32()),
+        "reward": [1.0, 0.0, 1.0],
+    })
+    window = Window(table)
+    assert len(window) == 3 and window.scalars["reward"] == [1.0, 0.0, 1.0]
+    assert [window[i]["prompt_token_ids"] is None for i in range(3)] == [False, True, False]
+    assert window[0]["token_ids"].tolist() == [2, 3] and window[2]["prompt_token_ids"].tolist() == [4, 5, 6]
+    assert window[1]["ref_logprobs"].tolist() == [-1.0] and window[0]["ref_logprobs"] is None
+    assert [window.length("token_ids", i) for i in range(3)] == [2, 1, 1]
+    assert window[0]["trainer_logprobs"].tolist() == pytest.approx([-0.2, -0.3])
