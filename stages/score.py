@@ -4,7 +4,8 @@
 right-padded full forward pass, the same code the trainer differentiates), of the same sampling
 distribution the sampler used (temperature, then top-p); `mismatch_max_abs` and `mismatch_kl` measure how
 far they sit from the sampler's own `behaviour_logprobs`. `ref_logprobs` are π_ref's (version 0) at the
-sampling temperature. Group statistics (size, mean and std of reward per prompt) come from the verdicts.
+sampling temperature; with `ref=False` (`--no-ref`, and what train and iterate ask for when the objective
+never reads π_ref) they are NULL and π_ref's forward pass is skipped. Group statistics (size, mean and std of reward per prompt) come from the verdicts.
 Score shards mirror rollout shards, like verify's.
 """
 from __future__ import annotations
