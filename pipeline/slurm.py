@@ -56,6 +56,25 @@ def _header(config: SlurmConfig, name: str, array: bool) -> list[str]:
     return lines + ["set -euo pipefail"]
 
 
+def score_args(train_args: str) -> str:
+    """`--no-ref` when the rendered train's objective never reads π_ref (as roll iterate does); if it does,
+    or cannot be told, score computes π_ref's log-probs (train would re-score a version that lacks them)."""
+    from roll.objectives import OBJECTIVES, ObjectiveConfig, uses_reference
+
+    tokens, values = shlex.split(train_args), {"--objective": "stable-pess", "--kl-ref": "0"}
+    for i, token in enumerate(tokens):
+        name, _, inline = token.partition("=")
+        if name in values:
+            values[name] = inline or (tokens[i + 1] if i + 1 < len(tokens) else values[name])
+    try:
+        kl_ref = float(values["--kl-ref"])
+    except ValueError:
+        return ""
+    if values["--objective"] not in OBJECTIVES:
+        return ""
+    return "" if uses_reference(values["--objective"], ObjectiveConfig(kl_ref=kl_ref)) else "--no-ref"
+
+
 def render(config: SlurmConfig) -> dict[str, str]:
     """File name → script text for the whole chain, submit.sh included."""
     from roll.errors import RollError
@@ -71,7 +90,7 @@ def render(config: SlurmConfig) -> dict[str, str]:
     windows = [data_window(v, config.lag, config.window) for v in range(config.start, config.start + config.iterations)]
     for v in range(config.start, config.start + config.iterations):
         tag = f"v{v:04d}"
-        for stage, extra in (("generate", config.generate_args), ("verify", ""), ("score", "")):
+        for stage, extra in (("generate", config.generate_args), ("verify", ""), ("score", score_args(config.train_args))):
             command = f"{roll} {stage} --run {run} --version {v} --shard {shard} {extra}".rstrip()
             scripts[f"{tag}-{stage}.sbatch"] = "\n".join(_header(config, f"roll-{stage}-{tag}", True) + [command]) + "\n"
         options = f"--version {v} --lag {config.lag} --window {config.window} {config.train_args}".rstrip()

@@ -119,6 +119,14 @@ def test_rendered_scripts_pass_shellcheck(tmp_path, options):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_score_skips_pi_ref_only_when_the_rendered_objective_never_reads_it(tmp_path):
+    for train_args, no_ref in (("", True), ("--objective ppo", True), ("--objective apo", False),
+                               ("--objective=pg --kl-ref 0.05", False)):
+        scripts = render(tmp_path / "run", tmp_path / f"out{len(train_args)}", 1, "--train-args", train_args)
+        score_line = scripts["v0000-score.sbatch"].read_text().strip().splitlines()[-1]
+        assert score_line.endswith("--no-ref") == no_ref, (train_args, score_line)
+
+
 # ------------------------------------------------------------- array tasks as concurrent local processes
 def run_one_process(commands: list[list[str]]) -> None:
     """The same `roll` commands, one after another inside one Python process (the reference)."""
