@@ -4,7 +4,7 @@ Runs the plain CLI as subprocesses, as a user would, for two models: the embedde
 4 layers, 1.8 M parameters) and a randomly initialised GPT-2 of d=768, 12 layers (86 M parameters) with
 the same tokenizer, so the numbers are not only kernel-launch overhead. Then trains the default model's
 update again under `torchrun --nproc-per-node 1 -m roll train --fsdp` (NCCL, FSDP2) and compares its v1
-weights with the plain update's.
+weights with the plain update's; last, three `roll iterate` iterations of the 86 M model.
 
     python bench/gpu_check.py --out DIR      # needs a CUDA GPU; writes DIR/gpu_check.json
 """
@@ -91,6 +91,14 @@ def main() -> None:
                       "max_abs_diff_vs_plain": max((fsdp[k] - plain[k]).abs().max().item() for k in plain) if fsdp else None,
                       **(train_tokens_per_s(run, 1) if fsdp else {})}
     print(json.dumps({"fsdp": report["fsdp"]}, indent=1), flush=True)
+
+    # the in-process loop on the GPU: 3 iterations of the 86 M model (models kept loaded between stages)
+    if not args.small_only:
+        run = work / "iterate"
+        roll("init", "--run", str(run), "--model", str(models["gpt2 d768x12 random (86M)"]))
+        summary = roll("iterate", "--run", str(run), "--iterations", "3", "--eval-every", "0", "--device", args.device)
+        report["iterate"] = {"stage_seconds": summary["stage_seconds"], "wall_s": summary["wall_s"]}
+        print(json.dumps({"iterate": report["iterate"]}, indent=1), flush=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
 
