@@ -387,16 +387,28 @@ def query(run: Run, sql: str):
         kind = statement.type.name
         if kind not in READ_ONLY_STATEMENTS:
             raise RollError(f"SQL: roll sql is read-only; {kind} statements are not allowed")
+
+    def run_all(con):
+        for statement in statements[:-1]:
+            con.execute(statement.query)
+        return con.execute(statements[-1].query)
+
+    try:
+        return on_views(run, sql, None, run_all)
+    except duckdb.Error as exc:
+        raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
+
+
+def on_views(run: Run, sql: str, versions: range | None, action):
+    """`action(connection)` over views of the tables `sql` names: first matched by column name (fast), and
+    if DuckDB fails, once more unioning by name, which also admits files that lack a column."""
+    import duckdb
+
     tables = referenced_tables(sql)
-    for union_by_name in (False, True):  # the fast path; then the one that admits files lacking a column
-        con = run.connect(tables=tables, union_by_name=union_by_name)
-        try:
-            for statement in statements[:-1]:
-                con.execute(statement.query)
-            return con.execute(statements[-1].query)
-        except duckdb.Error as exc:
-            if union_by_name:
-                raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
+    try:
+        return action(run.connect(versions, tables))
+    except duckdb.Error:
+        return action(run.connect(versions, tables, union_by_name=True))
 
 
 # Named, parameterised queries the stages run; user input only ever arrives as a parameter.
@@ -427,17 +439,18 @@ def _execute(run: Run, name: str, versions: range | None, params: dict, arrow: b
     import duckdb
 
     sql = NAMED_QUERIES[name]
-    for union_by_name in (False, True):  # as in `query`
-        con = run.connect(versions, referenced_tables(sql), union_by_name)
-        try:
-            if not arrow:
-                return con.execute(sql, params)
-            # a relation, not a cursor: DuckDB hands a relation's rows to Arrow without an extra copy
-            relation = con.sql(sql, params=params)
-            return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
-        except duckdb.Error as exc:
-            if union_by_name:
-                raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
+
+    def fetch(con):
+        if not arrow:
+            return con.execute(sql, params)
+        # a relation, not a cursor: DuckDB hands a relation's rows to Arrow without an extra copy
+        relation = con.sql(sql, params=params)
+        return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+
+    try:
+        return on_views(run, sql, versions, fetch)
+    except duckdb.Error as exc:
+        raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
 
 
 def named_query(run: Run, name: str, versions: range | None = None, **params) -> list[dict]:

@@ -1,11 +1,12 @@
 """score: teacher-forced log-probs of each completion under its behaviour checkpoint and under π_ref.
 
-`trainer_logprobs` are the behaviour checkpoint's log-probs recomputed with training numerics (a batched,
-right-padded full forward pass, the same code the trainer differentiates), of the same sampling
+`trainer_logprobs` are the behaviour checkpoint's log-probs recomputed with training numerics (a batched
+teacher-forced forward pass, the same code the trainer differentiates), of the same sampling
 distribution the sampler used (temperature, then top-p); `mismatch_max_abs` and `mismatch_kl` measure how
 far they sit from the sampler's own `behaviour_logprobs`. `ref_logprobs` are π_ref's (version 0) at the
 sampling temperature; with `ref=False` (`--no-ref`, and what train and iterate ask for when the objective
-never reads π_ref) they are NULL and π_ref's forward pass is skipped. Group statistics (size, mean and std of reward per prompt) come from the verdicts.
+never reads π_ref) they are NULL and π_ref's forward pass is skipped. Group statistics (size, mean and std
+of reward per prompt) come from the verdicts.
 Score shards mirror rollout shards, like verify's.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def run(config: ScoreConfig) -> dict:
     device = pick_device(config.device)
     started = time.perf_counter()
     ref_model = load_policy(run_dir.require_policy(0), device)[0] if config.ref else None
-    models = {0: ref_model} if config.ref else {}
+    behaviour = (0, ref_model) if config.ref else (None, None)  # (version, model) of the checkpoint in hand
     with progress_bar("score", len(todo), "shards") as advance:
         for version, name, path in todo:
             verdict_path = run_dir.version_dir("verdicts", version) / name
@@ -88,11 +89,10 @@ def run(config: ScoreConfig) -> dict:
                 raise RollError(f"{verdict_path}: missing; run `roll verify` before `roll score`")
             rollouts = read_table(path, "rollouts")
             stats = group_stats(read_table(verdict_path, "verdicts"))
-            if version not in models:
-                models = {**({0: ref_model} if config.ref else {}),
-                          version: load_policy(run_dir.require_policy(version), device)[0]}
+            if behaviour[0] != version:
+                behaviour = (version, load_policy(run_dir.require_policy(version), device)[0])
             rows = rollouts.to_pylist()
-            trainer = score_rows(models[version], rows, config.batch_size)
+            trainer = score_rows(behaviour[1], rows, config.batch_size)
             if not config.ref:
                 ref = [None] * len(rows)
             elif version == 0 and all(row["top_p"] == 1.0 for row in rows):

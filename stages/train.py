@@ -123,7 +123,7 @@ class Window:
     def __getitem__(self, i: int) -> "_Row":
         return _Row(self, i)
 
-    def __iter__(self):
+    def __iter__(self):  # explicit: without it Python would index on past the end (a _Row never raises)
         return (_Row(self, i) for i in range(self.size))
 
     def length(self, name: str, i: int) -> int:
@@ -382,8 +382,9 @@ class Distributed:
 
             # one FSDP unit per transformer block (the classes transformers marks unsplittable), then the root
             # (embeddings, final norm, tied head): a block's full weights exist only while it runs
+            blocks = set(getattr(model, "_no_split_modules", None) or ())
             for module in model.modules():
-                if type(module).__name__ in set(getattr(model, "_no_split_modules", None) or ()):
+                if type(module).__name__ in blocks:
                     fully_shard(module)
             fully_shard(model)
             return model
@@ -458,7 +459,7 @@ def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, f
     from roll.objectives import soft_value
     from roll.store import named_query
 
-    prompt_ids = sorted({r["prompt_id"] for r in rows})
+    prompt_ids = sorted(set(rows.scalars["prompt_id"]))
     found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
     missing = sorted(set(prompt_ids) - {record["prompt_id"] for record in found})
     if missing:
@@ -477,7 +478,7 @@ def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str)
     from roll.store import write_table
 
     print(f"roll: apo needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
-    group = max(Counter((r["policy_version"], r["prompt_id"]) for r in rows).values())
+    group = max(Counter(zip(rows.scalars["policy_version"], rows.scalars["prompt_id"])).values())
     model, tokenizer = load_policy(run.policy_dir(0), pick_device("auto"))
     table = sample_rollouts(model, tokenizer, 0, prompt_ids, prompt_tokens(run.read_prompts(), tokenizer, prompt_ids),
                             group_size=group, max_new_tokens=rows[0]["max_new_tokens"],
