@@ -146,9 +146,11 @@ def quiet_transformers() -> None:
 def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
     """Commit a checkpoint directory atomically: write beside it, then rename into place."""
     directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):  # left by a committer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "policy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

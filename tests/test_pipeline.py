@@ -19,7 +19,8 @@ ITERATE = ["iterate", "--iterations", 3, "--prompts", 6, "--group-size", 4, "--m
 
 
 def stage_files(run: Run) -> set[str]:
-    return {str(p.relative_to(run.root)) for p in run.root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    """Every file in the run, hidden ones included: a temporary left by the killed process must be gone too."""
+    return {str(p.relative_to(run.root)) for p in run.root.rglob("*") if p.is_file()}
 
 
 def kill_inside(run_dir, marker: str, timeout: float = 120.0) -> None:

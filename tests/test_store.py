@@ -144,3 +144,32 @@ def test_writer_killed_mid_write_leaves_no_visible_shard(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert query(run, "select count(*) from rollouts").fetchall() == [(3_000_000,)]
     assert not list(directory.glob(".*.tmp"))
+
+
+COMMITTER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from roll.policy import build_default_model, build_default_tokenizer, save_policy
+    tokenizer = build_default_tokenizer()
+    model = build_default_model(tokenizer, d_model=384, layers=6, heads=6, seed=0)  # ~45 MB: a save takes a while
+    print("ready", flush=True)
+    save_policy(model, tokenizer, Path(sys.argv[1]) / "v0001", {"policy_version": 1})
+""")
+
+
+def test_checkpoint_committer_killed_mid_save_leaves_nothing_behind_after_a_rerun(tmp_path):
+    policies = tmp_path / "policies"
+    proc = subprocess.Popen([sys.executable, "-c", COMMITTER, str(policies)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.time() + 60
+    while not list(policies.glob(".v0001.tmp-*/*")) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(policies.glob(".v0001.tmp-*")), "the committer was killed before it started writing"
+    assert not (policies / "v0001").exists()
+    rerun = subprocess.run([sys.executable, "-c", COMMITTER, str(policies)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    # the dead committer's half-written directory (another pid's name) is gone, the new one is whole
+    assert sorted(p.name for p in policies.iterdir()) == ["v0001"]
+    assert {p.name for p in (policies / "v0001").iterdir()} >= {"model.safetensors", "config.json", "policy.json"}
