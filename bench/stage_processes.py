@@ -9,7 +9,11 @@ prompts × k = 4. Alternating repeats; each repeat runs `--iterations` iteration
 first iteration of each is dropped (one-off costs). Peak RSS per stage is the process's own maximum
 resident set (wait4's ru_maxrss), for the separate processes.
 
-    python bench/stage_processes.py [--repeats 3] [--iterations 4] [--eval-limit 32] [--prompts 64]
+With `--warm`, a third arm runs the same five commands with $ROLL_WARM set: each command's process hands
+its work to a fresh fork of one `roll warm` process started before the repeats (its start-up, paid once per
+shell or job, is reported beside the table, not added to the iterations).
+
+    python bench/stage_processes.py [--repeats 3] [--iterations 4] [--eval-limit 32] [--prompts 64] [--warm]
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def run_process(command: list[str], env: dict) -> tuple[float, float]:
 
 
 def separate(work: Path, iterations: int, eval_limit: int, prompts: int, env: dict) -> list[dict]:
-    run = str(work / "separate")
+    run = str(work / ("separate-warm" if "ROLL_WARM" in env else "separate"))
     roll = [sys.executable, "-m", "roll"]
     run_process([*roll, "init", "--run", run], env)
     per_iteration = []
@@ -73,6 +77,22 @@ def in_process(work: Path, iterations: int, eval_limit: int, prompts: int, env: 
     return json.loads(proc.stdout[proc.stdout.index("{"):])["stage_seconds"]
 
 
+def start_warm(socket_path: str, env: dict) -> tuple[subprocess.Popen, float]:
+    """Start `roll warm` on `socket_path`; (process, seconds until it accepts commands)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "roll", "warm", "--socket", socket_path], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # "roll: warm on PATH" once it listens
+    if "warm on" not in line:
+        raise SystemExit(f"roll warm did not start: {line}{proc.stderr.read()[-3000:]}")
+    seconds = time.perf_counter() - started
+    # the per-command log lines must be drained or the pipe fills and the warm process blocks
+    import threading
+
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -80,31 +100,53 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=64, help="prompts per iteration (× G = 8 completions)")
+    parser.add_argument("--warm", action="store_true", help="also run the five commands through `roll warm`")
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if k != "ROLL_WARM"}
+    env |= {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
 
-    separate_totals, inprocess_totals, records, ratios = [], [], [], []
-    for repeat in range(args.repeats):
-        with tempfile.TemporaryDirectory() as work:
-            order = (separate, in_process) if repeat % 2 == 0 else (in_process, separate)
-            results = {fn.__name__: fn(Path(work), args.iterations, args.eval_limit, args.prompts, env) for fn in order}
-        sep = [sum(r[s] for s in STAGES) for r in results["separate"][1:]]
-        inp = [sum(r[s] for s in STAGES) for r in results["in_process"][1:]]
-        separate_totals += sep
-        inprocess_totals += inp
-        records += results["separate"][1:]
-        ratios.append(statistics.median(sep) / statistics.median(inp))
-        print(f"repeat {repeat + 1}: separate {statistics.median(sep):.2f} s/iteration, in-process "
-              f"{statistics.median(inp):.2f} s, ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
+    arms = {"separate": lambda work: separate(work, args.iterations, args.eval_limit, args.prompts, env),
+            "in_process": lambda work: in_process(work, args.iterations, args.eval_limit, args.prompts, env)}
+    with tempfile.TemporaryDirectory() as warm_dir:
+        if args.warm:
+            warm_env = {**env, "ROLL_WARM": str(Path(warm_dir) / "roll.sock")}
+            warm_proc, warm_startup = start_warm(warm_env["ROLL_WARM"], env)
+            arms["warm"] = lambda work: separate(work, args.iterations, args.eval_limit, args.prompts, warm_env)
+        totals = {name: [] for name in arms}
+        records, ratios = [], {name: [] for name in arms if name != "in_process"}
+        for repeat in range(args.repeats):
+            with tempfile.TemporaryDirectory() as work:
+                order = list(arms) if repeat % 2 == 0 else list(reversed(arms))
+                results = {name: arms[name](Path(work)) for name in order}
+            per_iteration = {name: [sum(r[s] for s in STAGES) for r in results[name][1:]] for name in arms}
+            for name in arms:
+                totals[name] += per_iteration[name]
+            records += results["separate"][1:]
+            for name in ratios:
+                ratios[name].append(statistics.median(per_iteration[name]) / statistics.median(per_iteration["in_process"]))
+            print(f"repeat {repeat + 1}: " + ", ".join(f"{name} {statistics.median(v):.2f} s/iteration"
+                                                       for name, v in per_iteration.items())
+                  + "; ratios " + ", ".join(f"{name} {r[-1]:.2f}" for name, r in ratios.items()), file=sys.stderr, flush=True)
+        if args.warm:
+            warm_proc.terminate()
+            warm_proc.wait()
 
     print(f"\n{args.prompts} prompts × 8 per iteration; {args.repeats} alternating repeats × {args.iterations - 1} "
           f"measured iterations, eval on "
           f"{args.eval_limit} prompts × 4, {args.threads} threads\n")
+    labels = {"separate": "five `roll` processes", "warm": "five `roll` processes, `ROLL_WARM` set",
+              "in_process": "`roll iterate`, one process"}
     print("| | median s/iteration | min–max s |")
     print("|---|---:|---:|")
-    for name, values in (("five `roll` processes", separate_totals), ("`roll iterate`, one process", inprocess_totals)):
-        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f}–{max(values):.2f} |")
-    print(f"\nratio per repeat: {', '.join(f'{r:.2f}' for r in ratios)}; median **{statistics.median(ratios):.2f}×**\n")
+    for name, values in totals.items():
+        print(f"| {labels[name]} | {statistics.median(values):.2f} | {min(values):.2f}–{max(values):.2f} |")
+    print()
+    for name, values in ratios.items():
+        print(f"{labels[name]} / `roll iterate`, per repeat: {', '.join(f'{r:.2f}' for r in values)}; "
+              f"median **{statistics.median(values):.2f}×**")
+    if args.warm:
+        print(f"\n`roll warm` start-up (imports + warm-up, once): {warm_startup:.2f} s")
+    print()
     print("| stage (separate process) | median wall s | peak RSS MB |")
     print("|---|---:|---:|")
     for stage in STAGES:

@@ -1,0 +1,130 @@
+"""`roll warm`: commands run in forks of one warm process make the same files as cold processes, return the
+same exit status and error line, start cold when a setting differs, and die with the command's process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from roll.store import Run, query
+
+from conftest import roll_cli
+
+ENV = {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A `roll warm` process serving on a socket; yields (socket path, its log file, process)."""
+    folder = tmp_path_factory.mktemp("warm")
+    socket_path, log_path = folder / "roll.sock", folder / "warm.log"
+    env = {k: v for k, v in os.environ.items() if k != "ROLL_WARM"} | ENV
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "roll", "warm", "--socket", str(socket_path)],
+                                env=env, stderr=log, stdout=subprocess.DEVNULL)
+    wait_for(lambda: "warm on" in log_path.read_text() or proc.poll() is not None, what="roll warm to start")
+    assert proc.poll() is None, log_path.read_text()
+    yield socket_path, log_path, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(30)
+
+
+def served(log_path, pid_of: str) -> list[str]:
+    return [line for line in log_path.read_text().splitlines() if line.endswith(pid_of)]
+
+
+ONE_ITERATION = [
+    ("generate", "--version", 0, "--prompts", 8, "--group-size", 4, "--max-new-tokens", 12),
+    ("verify", "--version", 0),
+    ("score", "--version", 0),
+    ("train", "--version", 0, "--objective", "stable-pess"),
+]
+
+
+def test_warm_children_make_the_files_of_cold_processes(tmp_path, tiny_model_dir, warm):
+    socket_path, log_path, _ = warm
+    runs = {}
+    for mode, extra_env in (("cold", {}), ("warm", {"ROLL_WARM": str(socket_path)})):
+        run = tmp_path / mode
+        roll_cli("init", "--run", run, "--model", tiny_model_dir, env=ENV | extra_env)
+        for args in ONE_ITERATION:
+            proc = roll_cli(*args, "--run", run, env=ENV | extra_env)
+            assert "starting cold" not in proc.stderr
+            if mode == "warm":  # the warm process forked a child for exactly this command
+                assert served(log_path, f"roll {' '.join(map(str, args))} --run {run}"), log_path.read_text()
+        runs[mode] = Run(run)
+    cold, hot = runs["cold"], runs["warm"]
+    for table, columns in (("rollouts", "token_ids, behaviour_logprobs"), ("verdicts", "reward"),
+                           ("scores", "trainer_logprobs")):
+        sql = f"select prompt_id, sample_index, {columns} from {table} order by 1, 2"
+        assert query(cold, sql).fetchall() == query(hot, sql).fetchall()
+    a = load_file(cold.policy_dir(1) / "model.safetensors")
+    b = load_file(hot.policy_dir(1) / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert any(not torch.equal(a[k], load_file(cold.policy_dir(0) / "model.safetensors")[k]) for k in a)
+
+
+def test_exit_status_and_the_one_error_line_come_back(tmp_path, tiny_model_dir, warm):
+    socket_path, _, _ = warm
+    env = ENV | {"ROLL_WARM": str(socket_path)}
+    roll_cli("init", "--run", tmp_path / "run", "--model", tiny_model_dir, env=env)
+    proc = roll_cli("generate", "--run", tmp_path / "run", "--version", 7, env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"roll: error: {tmp_path / 'run'}: policy version 7 does not exist (have: 0)"]
+
+
+def test_another_import_time_setting_starts_cold(tmp_path, tiny_model_dir, warm):
+    socket_path, log_path, _ = warm
+    env = ENV | {"ROLL_WARM": str(socket_path), "OMP_NUM_THREADS": "1"}
+    before = log_path.read_text()
+    proc = roll_cli("init", "--run", tmp_path / "run", "--model", tiny_model_dir, env=env)
+    assert "starting cold" in proc.stderr and '"task": "arith"' in proc.stdout
+    assert log_path.read_text() == before  # nothing was forked for it
+    proc = roll_cli("sql", "select 1", "--run", tmp_path / "run", env=ENV | {"ROLL_WARM": str(tmp_path / "nowhere")})
+    assert "does not answer" in proc.stderr and "1" in proc.stdout
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_the_child_dies_with_the_command(tmp_path, tiny_model_dir, warm, how):
+    socket_path, log_path, _ = warm
+    env = {**os.environ, **ENV, "ROLL_WARM": str(socket_path)}
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", tiny_model_dir, env=env)
+    args = ["generate", "--run", str(run), "--version", "0", "--prompts", "2000", "--max-new-tokens", "48"]
+    client = subprocess.Popen([sys.executable, "-m", "roll", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: served(log_path, f"roll {' '.join(args)}"), what="the child to start")
+    child = int(served(log_path, f"roll {' '.join(args)}")[-1].split(":")[1].split()[1])
+    assert os.path.exists(f"/proc/{child}")
+    client.send_signal(getattr(signal, how))
+    code = client.wait(60)
+    wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=30, what="the child to end")
+    if how == "SIGTERM":  # passed on to the child, whose death by SIGTERM is the command's status
+        assert code == 128 + signal.SIGTERM, client.stderr.read()
+    assert Run(run).shards("rollouts", 0) == {}  # killed before its commit: nothing half-written is visible
+
+
+def test_sigterm_stops_the_warm_process_and_removes_its_socket(tmp_path):
+    socket_path, log_path = tmp_path / "roll.sock", tmp_path / "warm.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "roll", "warm", "--socket", str(socket_path)],
+                                env={**os.environ, **ENV}, stderr=log, stdout=subprocess.DEVNULL)
+    wait_for(lambda: socket_path.exists() or proc.poll() is not None, what="the socket")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not socket_path.exists()
