@@ -47,25 +47,30 @@ def served(log_path, pid_of: str) -> list[str]:
     return [line for line in log_path.read_text().splitlines() if line.endswith(pid_of)]
 
 
-ONE_ITERATION = [
-    ("generate", "--version", 0, "--prompts", 8, "--group-size", 4, "--max-new-tokens", 12),
-    ("verify", "--version", 0),
-    ("score", "--version", 0),
-    ("train", "--version", 0, "--objective", "stable-pess"),
-]
+GENERATE = ("generate", "--version", 0, "--prompts", 8, "--group-size", 4, "--max-new-tokens", 12)
+AFTER_GENERATE = [("verify", "--version", 0), ("score", "--version", 0), ("train", "--version", 0, "--objective", "stable-pess")]
 
 
 def test_warm_children_make_the_files_of_cold_processes(tmp_path, tiny_model_dir, warm):
+    """One iteration as separate commands, generate as two concurrent shard processes, cold and warm."""
     socket_path, log_path, _ = warm
     runs = {}
     for mode, extra_env in (("cold", {}), ("warm", {"ROLL_WARM": str(socket_path)})):
         run = tmp_path / mode
-        roll_cli("init", "--run", run, "--model", tiny_model_dir, env=ENV | extra_env)
-        for args in ONE_ITERATION:
-            proc = roll_cli(*args, "--run", run, env=ENV | extra_env)
-            assert "starting cold" not in proc.stderr
-            if mode == "warm":  # the warm process forked a child for exactly this command
-                assert served(log_path, f"roll {' '.join(map(str, args))} --run {run}"), log_path.read_text()
+        env = {**os.environ, **ENV, **extra_env}
+        roll_cli("init", "--run", run, "--model", tiny_model_dir, env=env)
+        shards = [[*map(str, GENERATE), "--shard", f"{i}/2", "--run", str(run)] for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-m", "roll", *args], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for args in shards]
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0 and "starting cold" not in err, err
+            assert '"rows": 16' in out  # each shard's summary came back through its own stdout
+        outputs = [roll_cli(*args, "--run", run, env=env) for args in AFTER_GENERATE]
+        assert not any("starting cold" in proc.stderr for proc in outputs)
+        if mode == "warm":  # the warm process forked a child for exactly these commands
+            for args in [*shards, *([*map(str, a), "--run", str(run)] for a in AFTER_GENERATE)]:
+                assert served(log_path, "roll " + " ".join(args)), log_path.read_text()
         runs[mode] = Run(run)
     cold, hot = runs["cold"], runs["warm"]
     for table, columns in (("rollouts", "token_ids, behaviour_logprobs"), ("verdicts", "reward"),
