@@ -30,7 +30,10 @@ import signal
 import socket
 import struct
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+from roll.errors import RollError
 
 # environment variables that libraries read when they are imported, i.e. once, in the warm process
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "HF_",
@@ -160,14 +163,49 @@ def warm_up() -> None:
             os.environ["TOKENIZERS_PARALLELISM"] = tokenizers_parallelism
 
 
+@contextmanager
+def no_gpu():
+    """Hide every GPU while importing and warming up. A plain `torch.cuda.is_available()` initialises the
+    CUDA driver unless it may ask NVML instead, and a child forked after that cannot use CUDA at all
+    ("Cannot re-initialize CUDA in forked subprocess": what the first version did on an H200, the call's
+    origin not pinned down). With no visible device and the NVML check, every such call answers False without
+    touching the driver; each child sets the command's own environment before its first CUDA call."""
+    hidden = {"CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    saved = {key: os.environ.get(key) for key in hidden}
+    os.environ.update(hidden)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+
+
+def refuse_if_fork_is_poisoned() -> None:
+    """Fork a probe child and ask torch whether CUDA would refuse to start in it: if something initialised
+    CUDA in this process after all, stop with one line rather than fail inside every GPU command."""
+    import torch
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3 if torch.cuda._is_in_bad_fork() else 0)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        raise RollError("roll warm: CUDA was initialised while warming up, so forked commands could not use a "
+                        "GPU; run the commands without ROLL_WARM")
+
+
 def serve(socket_path: str, ready=None) -> None:
     """Accept commands on `socket_path` until SIGTERM or SIGINT; each runs in its own forked child."""
     import selectors
 
     own_fingerprint = fingerprint(dict(os.environ))  # before the imports, which set variables of their own
     before = dict(os.environ)
-    preload()
-    warm_up()
+    with no_gpu():
+        preload()
+        warm_up()
+    refuse_if_fork_is_poisoned()
     # what importing did to the environment (torch sets TORCHINDUCTOR_CACHE_DIR): a cold process has it too
     set_by_imports = {key: value for key, value in os.environ.items() if before.get(key) != value}
     gc.freeze()  # the imported objects stay out of the collector's scans: children share their pages longer
