@@ -74,7 +74,7 @@ def run_warm(socket_path: str, argv: list[str]) -> int | None:
               file=sys.stderr)
         return None
     if answer != b"+":  # refused: the reason follows
-        reason = conn.recv(4096).decode(errors="replace")
+        reason = conn.recv(4096).decode(errors="replace") if answer else "closed the connection"
         print(f"roll: note: the warm process at {socket_path} {reason}; starting cold", file=sys.stderr)
         return None
     for signum in FORWARDED_SIGNALS:  # the child is not in our process group: pass the signal on
@@ -272,6 +272,7 @@ def _reap(children: dict) -> None:
 
 def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, close_in_child) -> int | None:
     """Read one request; fork a child for it. Returns the child's pid, or None if the request was refused."""
+    fds = []
     try:
         conn.settimeout(10)
         first, fds, _, _ = socket.recv_fds(conn, 65536, 3)
@@ -283,6 +284,8 @@ def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, clo
         conn.settimeout(None)
     except (OSError, ValueError):
         conn.close()
+        for fd in fds:
+            os.close(fd)
         return None
     if request["fingerprint"] != own_fingerprint:
         conn.sendall(b"-" + b"runs other roll source files, Python or import-time settings (OMP_*, HF_*, ...)")
