@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,8 +88,6 @@ def start_warm(socket_path: str, env: dict) -> tuple[subprocess.Popen, float]:
         raise SystemExit(f"roll warm did not start: {line}{proc.stderr.read()[-3000:]}")
     seconds = time.perf_counter() - started
     # the per-command log lines must be drained or the pipe fills and the warm process blocks
-    import threading
-
     threading.Thread(target=proc.stderr.read, daemon=True).start()
     return proc, seconds
 

@@ -83,9 +83,13 @@ def keep_loaded():
         _LOADED = previous
 
 
+def _cache_key(path, device: str) -> tuple[str, str]:
+    return str(Path(path).resolve()), device
+
+
 def _remember(path, device: str, model, tokenizer) -> None:
     if _LOADED is not None:
-        _LOADED[(str(Path(path).resolve()), device)] = (model, tokenizer)
+        _LOADED[_cache_key(path, device)] = (model, tokenizer)
         while len(_LOADED) > KEEP_AT_MOST:  # forget the oldest but the first (in roll iterate: π_ref, v0)
             _LOADED.pop(list(_LOADED)[1])
 
@@ -98,7 +102,7 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    key = (str(Path(path).resolve()), device)
+    key = _cache_key(path, device)
     if _LOADED is not None and key in _LOADED:
         model, tokenizer = _LOADED.pop(key) if to_train else _LOADED[key]
         return model.eval(), tokenizer
@@ -145,11 +149,12 @@ def quiet_transformers() -> None:
 
 def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
     """Commit a checkpoint directory atomically: write beside it, then rename into place."""
+    from roll.store import clear_stale_temporaries
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):  # left by a committer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    clear_stale_temporaries(directory)  # a half-written checkpoint of a committer that was killed
+    tmp = directory.parent / f".{directory.name}.{os.getpid()}.tmp"  # mkdtemp would make it mode 0700
     tmp.mkdir()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

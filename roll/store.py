@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,16 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
     return table.select(schema.names)
 
 
+def clear_stale_temporaries(path: Path) -> None:
+    """Remove what a killed writer of `path` left beside it: hidden `.NAME.*.tmp` files (a Parquet file) or
+    directories (a checkpoint). Every commit writes under such a name and renames it into place."""
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def write_table(path: Path, name: str, table: pa.Table) -> Path:
     """Validate `table` against schema `name` and commit it at `path` atomically.
 
@@ -150,8 +161,7 @@ def write_table(path: Path, name: str, table: pa.Table) -> Path:
     path = Path(path)
     table = check_schema(table, name, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer of this file that was killed
-        stale.unlink(missing_ok=True)
+    clear_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

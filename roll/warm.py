@@ -128,9 +128,9 @@ def preload() -> None:
 
 def warm_up() -> None:
     """Sample, teacher-force, backpropagate and take an optimiser step once on the embedded model, on one
-    thread, so that children start past
-    the one-off costs a fresh process pays on its first model (transformers compiles ~200 regular
-    expressions per load; torch initialises its kernels on first call). One thread: OpenMP (GNU libgomp)
+    thread, so that children start past the one-off costs a fresh process pays on its first model
+    (transformers compiles ~200 regular expressions per load; torch initialises its kernels on first
+    call). One thread: OpenMP (GNU libgomp)
     threads started here would not exist in a forked child, and it would hang waiting for them; with one
     thread none is started, and each child starts its own team at the thread count its settings give.
     (pyarrow's jemalloc starts a background thread on import; jemalloc is built to survive fork.)"""
@@ -140,39 +140,30 @@ def warm_up() -> None:
     from roll.runs import default_model_dir
     from roll.sampling import completion_logprobs, sample_batch
 
-    threads, tokenizers_parallelism = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # likewise the tokenizers library's thread pool: once used, every forked child would warn and go serial
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        model, tokenizer = load_policy(default_model_dir(), to_train=True)
-        prompts = [tokenizer("1+2=")["input_ids"], tokenizer("12+7=")["input_ids"]]
-        samples = sample_batch(model, prompts, max_new_tokens=4, temperature=1.0, top_p=1.0,
-                               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                               generator=torch.Generator().manual_seed(0), group_size=2)
-        completions = [sample.token_ids or [tokenizer.eos_token_id] for sample in samples]
-        model.train()
-        logprobs, mask = completion_logprobs(model, [p for p in prompts for _ in range(2)], completions, 1.0)
-        (logprobs * mask).sum().backward()
-        torch.optim.AdamW(model.parameters(), lr=0.0).step()
+        with environ(TOKENIZERS_PARALLELISM="false"):
+            model, tokenizer = load_policy(default_model_dir(), to_train=True)
+            prompts = [tokenizer("1+2=")["input_ids"], tokenizer("12+7=")["input_ids"]]
+            samples = sample_batch(model, prompts, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   generator=torch.Generator().manual_seed(0), group_size=2)
+            completions = [sample.token_ids or [tokenizer.eos_token_id] for sample in samples]
+            model.train()
+            logprobs, mask = completion_logprobs(model, [p for p in prompts for _ in range(2)], completions, 1.0)
+            (logprobs * mask).sum().backward()
+            torch.optim.AdamW(model.parameters(), lr=0.0).step()
     finally:
         torch.set_num_threads(threads)
-        if tokenizers_parallelism is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = tokenizers_parallelism
 
 
 @contextmanager
-def no_gpu():
-    """Hide every GPU while importing and warming up. A plain `torch.cuda.is_available()` initialises the
-    CUDA driver unless it may ask NVML instead, and a child forked after that cannot use CUDA at all
-    ("Cannot re-initialize CUDA in forked subprocess": what the first version did on an H200, the call's
-    origin not pinned down). With no visible device and the NVML check, every such call answers False without
-    touching the driver; each child sets the command's own environment before its first CUDA call."""
-    hidden = {"CUDA_VISIBLE_DEVICES": "", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
-    saved = {key: os.environ.get(key) for key in hidden}
-    os.environ.update(hidden)
+def environ(**values: str):
+    """Set environment variables for the block, then restore each to what it was (or remove it)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -181,6 +172,15 @@ def no_gpu():
                 del os.environ[key]
             else:
                 os.environ[key] = value
+
+
+def no_gpu():
+    """Hide every GPU while importing and warming up. A plain `torch.cuda.is_available()` initialises the
+    CUDA driver unless it may ask NVML instead, and a child forked after that cannot use CUDA at all
+    ("Cannot re-initialize CUDA in forked subprocess": what the first version did on an H200, the call's
+    origin not pinned down). With no visible device and the NVML check, every such call answers False without
+    touching the driver; each child sets the command's own environment before its first CUDA call."""
+    return environ(CUDA_VISIBLE_DEVICES="", PYTORCH_NVML_BASED_CUDA_CHECK="1")
 
 
 def refuse_if_fork_is_poisoned() -> None:
@@ -282,13 +282,10 @@ def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, clo
         body = first[HEADER.size:] + _recv_exactly(conn, size - len(first) + HEADER.size)
         request = json.loads(body)
         conn.settimeout(None)
+        if request["fingerprint"] != own_fingerprint:
+            conn.sendall(b"-" + b"runs other roll source files, Python or import-time settings (OMP_*, HF_*, ...)")
+            raise ValueError("another fingerprint")
     except (OSError, ValueError):
-        conn.close()
-        for fd in fds:
-            os.close(fd)
-        return None
-    if request["fingerprint"] != own_fingerprint:
-        conn.sendall(b"-" + b"runs other roll source files, Python or import-time settings (OMP_*, HF_*, ...)")
         conn.close()
         for fd in fds:
             os.close(fd)
@@ -339,11 +336,9 @@ def _child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: d
 
         threading.Thread(target=watch, daemon=True).start()
         import roll.cli
-        from roll.cli import main
 
         roll.cli.WARM_CHILD = True
-
-        main()
+        roll.cli.main()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

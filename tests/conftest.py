@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,11 @@ def roll_cli(*args, cwd=None, env=None, check=True, timeout=300) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"roll {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
+    """Poll `predicate` every 5 ms until it holds; fail the test after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)

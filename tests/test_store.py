@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +13,8 @@ import pytest
 
 from roll.errors import RollError
 from roll.store import SCHEMAS, Run, Shard, check_schema, query, read_table, write_table
+
+from conftest import wait_for
 
 
 def rollout_rows(n: int, version: int = 0) -> pa.Table:
@@ -126,16 +128,19 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def sigkill_once_writing(script: str, argument: Path, directory: Path, pattern: str) -> None:
+    """Run `script argument` and SIGKILL it as soon as `directory` holds a path matching `pattern`."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(argument)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    wait_for(lambda: list(directory.glob(pattern)), timeout=60, what=f"{pattern} in {directory}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_writer_killed_mid_write_leaves_no_visible_shard(tmp_path):
     run = Run(tmp_path / "run")
     directory = run.version_dir("rollouts", 0)
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run.root)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    deadline = time.time() + 60
-    while not list(directory.glob(".*.tmp")) and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_once_writing(WRITER, run.root, directory, ".*.tmp")
     assert list(directory.glob(".*.tmp")), "the writer was killed before it started writing"
     assert run.shards("rollouts", 0) == {}
     assert query(run, "select count(*) from rollouts").fetchall() == [(0,)]
@@ -159,14 +164,8 @@ COMMITTER = textwrap.dedent("""
 
 def test_checkpoint_committer_killed_mid_save_leaves_nothing_behind_after_a_rerun(tmp_path):
     policies = tmp_path / "policies"
-    proc = subprocess.Popen([sys.executable, "-c", COMMITTER, str(policies)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    deadline = time.time() + 60
-    while not list(policies.glob(".v0001.tmp-*/*")) and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(policies.glob(".v0001.tmp-*")), "the committer was killed before it started writing"
+    sigkill_once_writing(COMMITTER, policies, policies, ".v0001.*.tmp/*")
+    assert list(policies.glob(".v0001.*.tmp")), "the committer was killed before it started writing"
     assert not (policies / "v0001").exists()
     rerun = subprocess.run([sys.executable, "-c", COMMITTER, str(policies)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr

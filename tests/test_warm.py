@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,16 +13,9 @@ from safetensors.torch import load_file
 
 from roll.store import Run, query
 
-from conftest import roll_cli
+from conftest import roll_cli, wait_for
 
 ENV = {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
