@@ -65,20 +65,26 @@ def run_warm(socket_path: str, argv: list[str]) -> int | None:
     env = dict(os.environ)
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env, "fingerprint": fingerprint(env)}).encode()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Hold the forwarded signals until their handlers are in place: one arriving in between would otherwise
+    # end this process by default while its child runs on (until it sees EOF) and report no status.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
-        conn.connect(socket_path)
-        socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
-        answer = _recv_exactly(conn, 1)
-    except OSError as exc:
-        print(f"roll: note: ROLL_WARM={socket_path} does not answer ({exc.strerror or exc}); starting cold",
-              file=sys.stderr)
-        return None
-    if answer != b"+":  # refused: the reason follows
-        reason = conn.recv(4096).decode(errors="replace") if answer else "closed the connection"
-        print(f"roll: note: the warm process at {socket_path} {reason}; starting cold", file=sys.stderr)
-        return None
-    for signum in FORWARDED_SIGNALS:  # the child is not in our process group: pass the signal on
-        signal.signal(signum, lambda signum, frame: conn.send(bytes([signum])))
+        try:
+            conn.connect(socket_path)
+            socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
+            answer = _recv_exactly(conn, 1)
+        except OSError as exc:
+            print(f"roll: note: ROLL_WARM={socket_path} does not answer ({exc.strerror or exc}); starting cold",
+                  file=sys.stderr)
+            return None
+        if answer != b"+":  # refused: the reason follows
+            reason = conn.recv(4096).decode(errors="replace") if answer else "closed the connection"
+            print(f"roll: note: the warm process at {socket_path} {reason}; starting cold", file=sys.stderr)
+            return None
+        for signum in FORWARDED_SIGNALS:  # the child is not in our process group: pass the signal on
+            signal.signal(signum, lambda signum, frame: conn.send(bytes([signum])))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # a held signal is delivered now
     try:
         status = _recv_exactly(conn, STATUS.size)
     except OSError:
