@@ -4,6 +4,12 @@ Iteration v samples rollouts from policy v, then trains v → v+1 on the behavio
 [v − L − W + 1, v − L] (so with L > 0 it trains on data generated L iterations ago, as an asynchronous
 system would), and evaluates v+1 every `eval_every` versions and at the end. Every stage skips work that
 is already committed, so rerunning the same command after a crash or Ctrl-C resumes where it stopped.
+
+The two kinds of staleness of DESIGN §3.1: version lag (`lag`, `window`), and the sync interval S of OAPL,
+where policy v samples S × P prompts once and the update v → v+1 takes S optimiser steps, each on P of
+those prompts (mini-batch P × G), with π_b fixed. S versions of one step and one version of S steps take
+the same number of steps on the same number of completions. With `keep_policies`, checkpoints that no
+later stage needs are deleted after each iteration (`roll gc`).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ class IterateConfig:
     eval_every: int = 5  # evaluate every E versions (v0 included) and the last; 0 = never
     eval_k: int = 4  # samples per held-out prompt
     eval_limit: int | None = None  # held-out prompts per evaluation; None = all
+    sync_interval: int = 1  # S: each version samples S × prompts once; its update takes S steps on them
+    keep_policies: int | None = None  # delete checkpoints nothing needs, keeping v0, evaluated and the latest N
     generate: GenerateConfig = field(default=None)  # sampling settings (version is set per iteration)
     train: TrainConfig = field(default=None)  # objective and optimiser settings (version set per iteration)
 
@@ -35,14 +43,21 @@ def run(config: IterateConfig) -> dict:
     """
     from roll.errors import RollError
     from roll.objectives import uses_reference
+    from roll.pipeline import retention
     from roll.policy import keep_loaded
     from roll.progress import progress_bar
     from roll.stages import evaluate, generate, score, train, verify
+    from roll.store import Run
 
     if config.iterations < 1:
         raise RollError(f"--iterations {config.iterations}: must be at least 1")
+    if config.sync_interval < 1:
+        raise RollError(f"--sync-interval {config.sync_interval}: must be at least 1")
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
+    if config.sync_interval > 1:  # S slices of P prompts (whole groups) per version, one optimiser step each
+        trn = replace(trn, mini_batch=gen.prompts * gen.group_size)
+        gen = replace(gen, prompts=gen.prompts * config.sync_interval)
     needs_ref = uses_reference(trn.objective, trn.objective_config())  # else score skips π_ref's forward
     started = time.perf_counter()
     evals, timings = [], []
@@ -57,7 +72,11 @@ def run(config: IterateConfig) -> dict:
 
     with keep_loaded(), progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
         maybe_evaluate(0)
+        committed = Run(config.run).latest_policy_version()
         for version in range(config.iterations):
+            if version + 1 < committed:  # done, evaluated and collected before: its checkpoints may be gone (gc)
+                advance()
+                continue
             lo, hi = train.data_window(version, trn.lag, trn.window)
             stages = {
                 "generate": lambda: generate.run(replace(gen, run=config.run, version=version)),
@@ -66,7 +85,11 @@ def run(config: IterateConfig) -> dict:
                                                              device=trn.device, ref=needs_ref)),
                 "train": lambda: train.run(replace(trn, run=config.run, version=version)),
                 "evaluate": lambda: maybe_evaluate(version + 1),
+                "gc": lambda: config.keep_policies and retention.run(retention.GcConfig(
+                    run=config.run, keep=config.keep_policies, lag=trn.lag, window=trn.window)),
             }
+            if version + 1 == committed:  # trained before a rerun; only its evaluation and gc may be missing
+                stages = {name: stages[name] for name in ("evaluate", "gc")}
             seconds = {"version": version}
             for name, stage in stages.items():
                 stage_started = time.perf_counter()
@@ -75,5 +98,6 @@ def run(config: IterateConfig) -> dict:
             timings.append(seconds)
             advance()
     return {"run": str(config.run), "objective": trn.objective, "lag": trn.lag, "window": trn.window,
+            "sync_interval": config.sync_interval,
             "versions": config.iterations, "evaluations": evals, "stage_seconds": timings,
             "seconds": round(time.perf_counter() - started, 1)}

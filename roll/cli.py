@@ -228,7 +228,11 @@ TRAINING_OPTIONS = options(
     click.option("--clip-high", default=0.2, help="PPO ε_high (and the CISPO weight cap 1 + ε_high)."),
     click.option("--kl-ref", default=0.0, help="Weight of the k3 KL-to-π_ref term (ppo, cispo, pg)."),
     click.option("--adv-norm", type=click.Choice(["std", "none"]), default="std", help="ppo/cispo advantage normalisation."),
-    click.option("--lr", default=3e-4, help="AdamW learning rate."),
+    click.option("--lr", default=3e-4, help="AdamW learning rate (after warm-up)."),
+    click.option("--warmup-steps", default=0, help="Linear learning-rate warm-up over the run's first N optimiser steps."),
+    click.option("--weight-decay", default=0.0, help="AdamW decoupled weight decay."),
+    click.option("--fresh-optimizer", is_flag=True,
+                 help="Start a new AdamW every update instead of resuming the parent version's state."),
     click.option("--epochs", default=1, help="Passes over the selected rows per update."),
     click.option("--mini-batch", default=512, help="Completions per optimiser step."),
     click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation)."),
@@ -284,9 +288,13 @@ def train(run_path, version, seed, device, force, nproc, fsdp, **training):
 @click.option("--eval-every", default=5, help="Evaluate every E versions (and the last); 0 = never.")
 @click.option("--eval-k", default=4, help="Samples per held-out prompt.")
 @click.option("--eval-limit", type=int, default=None, help="Held-out prompts per evaluation. [default: all]")
+@click.option("--sync-interval", default=1,
+              help="S: each version samples S x --prompts prompts once and its update takes S optimiser steps on them.")
+@click.option("--keep-policies", type=int, default=None,
+              help="Delete checkpoints nothing needs after each iteration, keeping v0, evaluated and the latest N. [default: keep all]")
 @seed_option
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
-def iterate(run_path, iterations, eval_every, eval_k, eval_limit, seed, device, **options_):
+def iterate(run_path, iterations, eval_every, eval_k, eval_limit, sync_interval, keep_policies, seed, device, **options_):
     """Run generate -> verify -> score -> train -> evaluate for N iterations with the lag of --lag/--window.
 
     Rerunning the same command after a crash resumes where it stopped.
@@ -304,10 +312,35 @@ def iterate(run_path, iterations, eval_every, eval_k, eval_limit, seed, device, 
     sampling = {k: v for k, v in options_.items() if k in GENERATE_FIELDS}
     training = {k: v for k, v in options_.items() if k not in GENERATE_FIELDS}
     config = IterateConfig(run=root, iterations=iterations, eval_every=eval_every, eval_k=eval_k,
-                           eval_limit=eval_limit,
+                           eval_limit=eval_limit, sync_interval=sync_interval, keep_policies=keep_policies,
                            generate=GenerateConfig(run=root, seed=seed, device=device, **sampling),
                            train=TrainConfig(run=root, seed=seed, device=device, **training))
     print_summary(run_iterate(config))
+
+
+@cli.command()
+@run_option
+@click.option("--keep", default=3, help="Keep the latest N policy versions.")
+@click.option("--lag", default=0, help="L of the updates still to come: unscored versions in their window are kept.")
+@click.option("--window", default=1, help="W of the updates still to come.")
+@click.option("--version", "versions", type=int, multiple=True,
+              help="Delete exactly this version (repeatable); refused if it is still needed. [default: every unneeded one]")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+def gc(run_path, keep, lag, window, versions, dry_run):
+    """Delete policy checkpoints (weights and optimiser state) that nothing still needs.
+
+    Always kept: v0, the latest N, evaluated versions, and versions a future lag window must still score.
+    Rollouts, verdicts, scores and metrics are never deleted.
+
+    \b
+    Example:
+      roll gc --keep 3 --lag 2
+    """
+    from roll.pipeline.retention import GcConfig, run as run_gc
+    from roll.runs import default_run_path
+
+    print_summary(run_gc(GcConfig(run=run_path or default_run_path(), keep=keep, lag=lag, window=window,
+                                  versions=versions, dry_run=dry_run)))
 
 
 @cli.command()

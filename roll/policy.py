@@ -147,9 +147,15 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
-    """Commit a checkpoint directory atomically: write beside it, then rename into place."""
-    from roll.store import clear_stale_temporaries
+def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: dict | None = None) -> Path:
+    """Commit a checkpoint directory atomically: write beside it, then rename into place.
+
+    `optimizer_state` (AdamW's moments and step counts, the schedule, the global step) is written into the
+    same directory, so the weights and the state the next update resumes from appear together or not at all.
+    """
+    import torch
+
+    from roll.store import OPTIMIZER_STATE, clear_stale_temporaries
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +164,8 @@ def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
     tmp.mkdir()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
     (tmp / "policy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if directory.exists():
         shutil.rmtree(directory)
@@ -165,6 +173,22 @@ def save_policy(model, tokenizer, directory: Path, meta: dict) -> Path:
     _remember(directory, str(next(model.parameters()).device).replace("cuda:0", "cuda"), model, tokenizer)
     return directory
 
+
+def load_optimizer_state(directory: Path) -> dict | None:
+    """The optimiser state committed with a checkpoint, or None when it has none (v0, --fresh-optimizer)."""
+    import pickle
+
+    import torch
+
+    from roll.store import OPTIMIZER_STATE
+
+    path = Path(directory) / OPTIMIZER_STATE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise RollError(f"{path}: optimiser state cannot be read ({str(exc).splitlines()[0]})") from None
 
 
 def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[list[int]]:

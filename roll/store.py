@@ -77,14 +77,20 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("clip_fraction", pa.float64()), ("ess", pa.float64()), ("grad_norm", pa.float64()),
         ("lr", pa.float64()), ("tokens", pa.int64()), ("seconds", pa.float64()),
         ("ratio_min", pa.float64()), ("ratio_mean", pa.float64()), ("ratio_max", pa.float64()),
+        ("global_step", pa.int64()),  # optimiser steps taken in the whole run before this one (DESIGN §3.1a)
+        ("log_ratio_mean", pa.float64()),  # mean signed sequence Δ = log π_θ − log π_b over the step's samples
+        ("lag_mean", pa.float64()),  # mean version lag of the step's samples
+        ("stale_steps_mean", pa.float64()),  # mean optimiser steps since the samples' behaviour version
     ),
     "groups": _schema(
         ("policy_version", pa.int64()), ("data_version", pa.int64()), ("lag", pa.int64()),
-        ("optimizer_steps", pa.int64()),  # optimiser steps taken since the behaviour version (DESIGN §3.1)
+        ("optimizer_steps", pa.int64()),  # optimiser steps since the behaviour version, when first used (DESIGN §3.1)
         ("prompt_id", pa.string()), ("objective", pa.string()), ("beta", pa.float64()),
         ("m", pa.float64()), ("k", pa.float64()), ("regime", pa.string()),
         ("induced_entropy", pa.float64()), ("boltzmann_entropy", pa.float64()),
         ("reward_mean", pa.float64()), ("reward_std", pa.float64()),
+        ("step", pa.int64()),  # the update's optimiser step that first used the group
+        ("log_ratio_mean", pa.float64()),  # mean signed Δ of the group's samples when first used
     ),
     "evals": _schema(
         ("policy_version", pa.int64()), ("dataset", pa.string()), ("prompt_id", pa.string()),
@@ -99,6 +105,9 @@ FINITE_COLUMNS = {"verdicts": ("reward",)}
 # Tables written as shards per behaviour version, and the tables written once per produced version.
 SHARDED_TABLES = ("rollouts", "verdicts", "scores")
 TRAIN_TABLES = ("steps", "groups")
+
+# Inside a policy directory beside the weights: the optimiser state the next update resumes (DESIGN §3.1a).
+OPTIMIZER_STATE = "optimizer.pt"
 
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 # Supplementary files of a version outside its i-of-N partition (apo's version-0 samples of later prompts).
@@ -258,6 +267,16 @@ class Run:
         if not versions:
             raise RollError(f"{self.root}: no committed policy under policies/ (run `roll init`)")
         return versions[-1]
+
+    def remove_policy(self, version: int) -> None:
+        """Delete a checkpoint: renamed out of sight first (a reader sees it whole or not at all), then removed.
+        A remover killed in between leaves a hidden `.vNNNN.gc-PID.tmp`, cleared by the next removal."""
+        directory = self.policy_dir(version)
+        for stale in directory.parent.glob(".v*.gc-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        hidden = directory.parent / f".{directory.name}.gc-{os.getpid()}.tmp"
+        os.replace(directory, hidden)
+        shutil.rmtree(hidden)
 
     def require_policy(self, version: int) -> Path:
         if version not in self.policy_versions():

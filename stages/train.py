@@ -3,8 +3,10 @@
     select   rows of behaviour versions [v − L − W + 1, v − L] (clamped at 0) through DuckDB
     prepare  verify and score any selected version that lacks them (said in one line each)
     advantage per group of G samples of one prompt, from the objective's registry entry
-    optimise epochs × mini-batches of the rows, gradient accumulation over micro-batches
-    commit   train/version=v+1/{steps,groups}.parquet, then policies/v(v+1)/ (policy.json last)
+    optimise epochs × mini-batches of whole groups, gradient accumulation over micro-batches, AdamW resumed
+             from the state committed with v (DESIGN §3.1a)
+    commit   train/version=v+1/{steps,groups}.parquet, then policies/v(v+1)/ with its optimiser state
+             (policy.json last)
 
 Per step it records loss, token entropy of π_θ, KL(π_b‖π_θ) (k3), raw ratio min/mean/max, clip fraction,
 ESS of the sequence weights e^Δ, grad norm, lr, tokens and wall time; per group the Lambert analysis of
@@ -25,6 +27,7 @@ from pathlib import Path
 from roll.errors import RollError
 from roll.objectives import OBJECTIVES, ObjectiveConfig, uses_reference
 from roll.store import Run
+from roll.window import Window
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,10 @@ class TrainConfig:
     clip_high: float = 0.2  # PPO ε_high / CISPO cap
     kl_ref: float = 0.0  # weight of the k3 KL-to-π_ref term (ppo, cispo, pg)
     adv_norm: str = "std"  # ppo/cispo advantage normalisation: std or none
-    lr: float = 3e-4  # AdamW learning rate (1e-3 wrecked the default model in one step; see README)
+    lr: float = 3e-4  # AdamW learning rate (after warm-up)
+    warmup_steps: int = 0  # linear warm-up over the run's first N optimiser steps (0 = none, as TRL and verl)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
+    fresh_optimizer: bool = False  # a new AdamW every update (no state carried from the parent version)
     epochs: int = 1  # passes over the selected rows
     mini_batch: int = 512  # completions per optimiser step
     micro_batch: int = 64  # completions per forward/backward (gradient accumulation)
@@ -64,6 +70,8 @@ def check_config(config: TrainConfig) -> None:
             raise RollError(f"--{name} {getattr(config, name)}: must be > 0")
     if config.lag < 0 or config.window < 1:
         raise RollError(f"--lag {config.lag} --window {config.window}: need lag >= 0 and window >= 1")
+    if config.warmup_steps < 0 or config.weight_decay < 0:
+        raise RollError("--warmup-steps and --weight-decay must be >= 0")
     if config.epochs < 1 or config.mini_batch < 1 or config.micro_batch < 1:
         raise RollError("--epochs, --mini-batch and --micro-batch must be at least 1")
     if config.adv_norm not in ("std", "none"):
@@ -98,53 +106,6 @@ def prepare(run: Run, versions: list[int], ref: bool = True) -> None:
             score.run(score.ScoreConfig(run=run.root, versions=tuple(lacking), ref=True, force=True))
 
 
-class Window:
-    """The lag window's rows, as columns: scalars as Python lists, list columns (token ids, log-probs) as one
-    flat NumPy array with offsets each, straight from Arrow's buffers — so a window of 400k rows creates no
-    Python object per token. `window[i][name]` reads one row (a list column as a NumPy slice, or None)."""
-
-    LISTS = ("prompt_token_ids", "token_ids", "trainer_logprobs", "ref_logprobs")
-
-    def __init__(self, table):
-        import numpy as np
-
-        self.size = table.num_rows
-        self.scalars = {name: table.column(name).to_pylist() for name in table.column_names if name not in self.LISTS}
-        self.lists = {}
-        for name in self.LISTS:
-            column = table.column(name).combine_chunks()
-            # raw offsets index the child array (`values`, not `flatten()`, which drops what null rows cover)
-            valid = np.ones(len(column), bool) if column.null_count == 0 else np.asarray(column.is_valid())
-            self.lists[name] = (np.asarray(column.values), np.asarray(column.offsets), valid)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> "_Row":
-        return _Row(self, i)
-
-    def __iter__(self):  # explicit: without it Python would index on past the end (a _Row never raises)
-        return (_Row(self, i) for i in range(self.size))
-
-    def length(self, name: str, i: int) -> int:
-        offsets = self.lists[name][1]
-        return int(offsets[i + 1] - offsets[i])
-
-
-class _Row:
-    __slots__ = ("window", "index")
-
-    def __init__(self, window: Window, index: int):
-        self.window, self.index = window, index
-
-    def __getitem__(self, name: str):
-        if name in self.window.lists:
-            values, offsets, valid = self.window.lists[name]
-            i = self.index
-            return values[offsets[i]:offsets[i + 1]] if valid[i] else None
-        return self.window.scalars[name][self.index]
-
-
 def load_rows(run: Run, lo: int, hi: int) -> Window:
     """Every sample of behaviour versions lo…hi with its reward and scores, checked complete and finite."""
     import pyarrow.compute as pc
@@ -170,14 +131,11 @@ def steps_since(run: Run, data_version: int, version: int) -> int:
 
 
 def run(config: TrainConfig) -> dict:
-    """Train v → v+1; returns a summary (version, rows, steps, loss, regimes, seconds)."""
+    """Train v → v+1; returns a summary (version, rows, steps, loss, regimes, optimiser, seconds)."""
     import numpy as np
-    import pyarrow as pa
-    import torch
 
-    from roll import lambert
-    from roll.policy import load_policy, save_policy
-    from roll.store import SCHEMAS, write_table
+    from roll.distributed import Distributed
+    from roll.policy import load_policy
 
     check_config(config)
     run_dir = Run(config.run)
@@ -186,24 +144,71 @@ def run(config: TrainConfig) -> dict:
     new_version = version + 1
     if new_version in run_dir.policy_versions() and not config.force:
         return {"run": str(run_dir.root), "version": new_version, "skipped": True}
+    dist = Distributed.from_env(config.fsdp)
+    rows, data_versions = select_rows(run_dir, version, config, dist)
+    started = time.perf_counter()
+    advantages, group_records = group_targets(run_dir, rows, version, config, dist)
+
+    model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
+    wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
+    optimizer, global_step, resumed = resume_optimizer(model, run_dir, version, config, dist)
+    stale_base = {v: steps_since(run_dir, v, version) for v in data_versions}
+    step_records, first_use = optimise(wrapped, model, optimizer, rows, advantages, config, version, new_version,
+                                       global_step, stale_base, dist)
+    for record in group_records:  # when each group was first used, and how far π_θ had moved from π_b by then
+        members = record.pop("members")
+        record["step"] = first_use[members[0]][0]
+        record["optimizer_steps"] = stale_base[record["data_version"]] + record["step"]
+        record["log_ratio_mean"] = float(np.mean([first_use[i][1] for i in members]))
+    # collectives under FSDP: every rank takes part, rank 0 receives
+    weights = dist.full_state_dict(model)
+    optimizer_state = None if config.fresh_optimizer else {
+        "optimizer": dist.optimizer_state(model, optimizer), "global_step": global_step + len(step_records),
+        "schedule": {"kind": "constant with linear warm-up", "lr": config.lr, "warmup_steps": config.warmup_steps}}
+    if not dist.is_main:  # only rank 0 commits; the others wait for it, then leave the process group
+        dist.finish()
+        return {"run": str(run_dir.root), "version": new_version, "rank": dist.rank}
+    if weights is not None:  # FSDP: the sharded module cannot save itself; an unsharded copy can
+        model, _ = load_policy(run_dir.policy_dir(version), "cpu", to_train=True)
+        model.load_state_dict(weights)
+    meta = {"version": new_version, "parent": version, "objective": config.objective,
+            "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
+            "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records),
+            "global_step": global_step + len(step_records),
+            "optimizer": "fresh" if config.fresh_optimizer else (f"resumed from v{version:04d}" if resumed else "new")}
+    commit(run_dir, new_version, step_records, group_records, model, tokenizer, meta, optimizer_state)
+    dist.finish()
+    regimes = dict(Counter(g["regime"] for g in group_records))
+    ks = [g["k"] for g in group_records if not math.isnan(g["k"])]
+    return {"run": str(run_dir.root), "version": new_version, "skipped": False, "objective": config.objective,
+            "data_versions": data_versions, "rows": len(rows), "groups": len(group_records),
+            "steps": len(step_records), "global_step": meta["global_step"], "optimizer": meta["optimizer"],
+            "loss": step_records[-1]["loss"], "regimes": regimes, "k_min": min(ks) if ks else None,
+            "reward_mean": float(np.mean(rows.scalars["reward"])), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[Window, list[int]]:
+    """The lag window's samples with rewards and trainer log-probs (verified and scored first where missing)."""
     lo, hi = data_window(version, config.lag, config.window)
     data_versions = [v for v in run_dir.versions("rollouts") if lo <= v <= hi]
     if not data_versions:
-        raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {new_version} holds no "
+        raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {version + 1} holds no "
                         f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
                         f"run `roll generate --version {hi}`)")
-    dist = Distributed.from_env(config.fsdp)
-    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
     if dist.is_main:  # π_ref's forward pass only when the objective reads it
-        prepare(run_dir, data_versions, ref=uses_reference(config.objective, ocfg))
+        prepare(run_dir, data_versions, ref=uses_reference(config.objective, config.objective_config()))
     dist.barrier()  # every rank reads the same committed verdicts and scores
-    rows = load_rows(run_dir, lo, hi)
-    started = time.perf_counter()
+    return load_rows(run_dir, lo, hi), data_versions
 
-    # advantages and Lambert diagnostics, per group (one prompt's samples from one behaviour version)
-    groups: dict[tuple[int, str], list[int]] = {}
-    for i, key in enumerate(zip(rows.scalars["policy_version"], rows.scalars["prompt_id"])):
-        groups.setdefault(key, []).append(i)
+
+def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig, dist) -> tuple:
+    """Per group (one prompt's samples from one behaviour version): the objective's advantages and the
+    Lambert analysis of the target they induce at β (DESIGN §2.1). Returns (advantages per row, records)."""
+    import torch
+
+    from roll import lambert
+
+    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
     ref_values = {}
     if config.objective == "apo" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
         ref_values = reference_values(run_dir, rows, config)
@@ -211,53 +216,78 @@ def run(config: TrainConfig) -> dict:
     if config.objective == "apo" and not dist.is_main:
         ref_values = reference_values(run_dir, rows, config)
     advantages = torch.zeros(len(rows), dtype=torch.float64)
-    group_records = []
-    lag_steps = {v: steps_since(run_dir, v, version) for v in data_versions}
-    for (data_version, prompt_id), members in groups.items():
-        rewards = torch.tensor([rows[i]["reward"] for i in members], dtype=torch.float64)
+    records = []
+    for (data_version, prompt_id), members in rows.groups().items():
+        rewards = torch.tensor([rows.scalars["reward"][i] for i in members], dtype=torch.float64)
         adv = objective.advantage(rewards, ocfg, ref_values.get(prompt_id))
         advantages[members] = adv
         target = lambert.solve(adv.numpy(), config.beta) if objective.regression else None
-        group_records.append({
-            "policy_version": new_version, "data_version": data_version, "lag": version - data_version,
-            "optimizer_steps": lag_steps[data_version], "prompt_id": prompt_id, "objective": config.objective,
-            "beta": config.beta, "m": target.m if target else math.nan, "k": target.k if target else math.nan,
+        records.append({
+            "policy_version": version + 1, "data_version": data_version, "lag": version - data_version,
+            "prompt_id": prompt_id, "objective": config.objective, "beta": config.beta,
+            "m": target.m if target else math.nan, "k": target.k if target else math.nan,
             "regime": target.regime if target else "n/a",
             "induced_entropy": target.induced_entropy if target else math.nan,
             "boltzmann_entropy": target.boltzmann_entropy if target else math.nan,
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+            "members": members,
         })
-
-    model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
-    step_records = optimise(model, rows, advantages, config, version, new_version, dist)
-    state_dict = dist.full_state_dict(model)  # collective under FSDP: every rank takes part, rank 0 receives
-    if not dist.is_main:  # only rank 0 commits; the others wait for it, then leave the process group
-        dist.finish()
-        return {"run": str(run_dir.root), "version": new_version, "rank": dist.rank}
-
-    write_table(run_dir.train_path("steps", new_version), "steps", pa.Table.from_pylist(step_records, schema=SCHEMAS["steps"]))
-    write_table(run_dir.train_path("groups", new_version), "groups", pa.Table.from_pylist(group_records, schema=SCHEMAS["groups"]))
-    meta = {"version": new_version, "parent": version, "objective": config.objective,
-            "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
-            "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records)}
-    if state_dict is not None:  # FSDP: the sharded module cannot save itself; an unsharded copy can
-        model, _ = load_policy(run_dir.policy_dir(version), "cpu", to_train=True)
-        model.load_state_dict(state_dict)
-    save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta)
-    dist.finish()
-    regimes: dict[str, int] = {}
-    for g in group_records:
-        regimes[g["regime"]] = regimes.get(g["regime"], 0) + 1
-    ks = [g["k"] for g in group_records if not math.isnan(g["k"])]
-    return {"run": str(run_dir.root), "version": new_version, "skipped": False, "objective": config.objective,
-            "data_versions": data_versions, "rows": len(rows), "groups": len(group_records),
-            "steps": len(step_records), "loss": step_records[-1]["loss"], "regimes": regimes,
-            "k_min": min(ks) if ks else None, "reward_mean": float(np.mean(rows.scalars["reward"])),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return advantages, records
 
 
-def optimise(model, rows: Window, advantages, config: TrainConfig, version: int, new_version: int, dist) -> list[dict]:
-    """epochs × mini-batches of optimiser steps; returns one metrics record per step (reduced over ranks).
+def learning_rate(config: TrainConfig, global_step: int) -> float:
+    """Constant, after a linear warm-up over the run's first `warmup_steps` optimiser steps: step t (counted
+    over the whole run, from 0) uses lr·(t+1)/(W+1) while t < W, so no step is taken at rate zero."""
+    if global_step < config.warmup_steps:
+        return config.lr * (global_step + 1) / (config.warmup_steps + 1)
+    return config.lr
+
+
+def resume_optimizer(model, run_dir: Run, version: int, config: TrainConfig, dist):
+    """AdamW over `model`'s parameters, resuming the state committed with policy `version` (its moments,
+    step counts and the run's global optimiser step, DESIGN §3.1a). Returns (optimizer, global step, resumed).
+
+    A parent without state (v0, or one made with --fresh-optimizer) starts a new AdamW; so does
+    --fresh-optimizer, which takes every update as Adam's first step (roll's behaviour before state was kept).
+    The global step then comes from the steps table, so the warm-up schedule continues either way.
+    """
+    import torch
+
+    from roll.policy import load_optimizer_state
+
+    # no stale .grad (a model kept loaded by roll iterate has last update's): torch's loader initialises the
+    # optimiser's state with one zero-gradient step, and skips that when gradients exist
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    state = None if config.fresh_optimizer else load_optimizer_state(run_dir.policy_dir(version))
+    if state is None:
+        if version > 0 and not config.fresh_optimizer and dist.is_main:
+            print(f"roll: policy v{version:04d} has no optimiser state; starting a new AdamW", file=sys.stderr)
+        return optimizer, steps_since(run_dir, 0, version), False
+    dist.load_optimizer_state(model, optimizer, state["optimizer"])
+    for group in optimizer.param_groups:  # this update's settings, not the saved ones
+        group["weight_decay"] = config.weight_decay
+    return optimizer, int(state["global_step"]), True
+
+
+def mini_batches(groups: list[list[int]], size: int, rng: random.Random) -> list[list[int]]:
+    """Whole groups in a shuffled order, packed into mini-batches of at most `size` rows (at least one group
+    each): a step sees disjoint prompts, as verl counts its mini-batches in prompts."""
+    order = list(groups)
+    rng.shuffle(order)
+    batches, current = [], []
+    for members in order:
+        if current and len(current) + len(members) > size:
+            batches.append(current)
+            current = []
+        current = current + members
+    return batches + ([current] if current else [])
+
+
+def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainConfig, version: int,
+             new_version: int, global_step: int, stale_base: dict[int, int], dist) -> tuple[list[dict], dict]:
+    """epochs × mini-batches of optimiser steps. Returns one metrics record per step (reduced over ranks) and,
+    per row, (the step that first used it, its signed sequence log-ratio Δ then).
 
     Under torchrun each rank takes every world-th row of each mini-batch; gradients are summed across
     ranks by DDP (whose mean is undone by scaling the loss by world size), so P ranks take exactly the
@@ -273,166 +303,84 @@ def optimise(model, rows: Window, advantages, config: TrainConfig, version: int,
     objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
     model.train()
     torch.manual_seed(config.seed)
-    wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    order = list(range(len(rows)))
-    records = []
-    steps_per_epoch = math.ceil(len(rows) / config.mini_batch)
-    with progress_bar(f"train v{version}->v{new_version} {config.objective}", config.epochs * steps_per_epoch,
-                      "steps") as advance:
-        for epoch in range(config.epochs):
-            random.Random(f"{config.seed}/{version}/{epoch}").shuffle(order)
-            for start in range(0, len(order), config.mini_batch):
-                step_started = time.perf_counter()
-                mini = order[start:start + config.mini_batch]
-                mini_tokens = sum(rows.length("token_ids", i) for i in mini)  # global: every rank knows all rows
-                # this rank's rows, shortest first, so each micro-batch pads to a similar length (length
-                # bucketing: a step's gradient is the same sum over the same rows, with far less padding)
-                mine = sorted(mini[dist.rank::dist.world],
-                              key=lambda i: (rows.length("token_ids", i), rows.length("prompt_token_ids", i)))
-                micro_batches = [mine[j:j + config.micro_batch] for j in range(0, len(mine), config.micro_batch)]
-                optimizer.zero_grad(set_to_none=True)
-                totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
-                extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios
-                log_weights = []
-                for index, micro in enumerate(micro_batches):
-                    batch_rows = [rows[i] for i in micro]
-                    logprobs, mask, entropy = completion_logprobs(
-                        wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
-                        batch_rows[0]["temperature"], 1.0, with_entropy=True)
-                    batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
-                                  ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
-                                  advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
-                    loss, metrics = objective.loss(batch, ocfg)
-                    tokens = int(mask.sum())
-                    share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
-                    with dist.sync_if(index == len(micro_batches) - 1, wrapped):
-                        (loss * share * dist.world).backward()
-                    with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
-                        log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
-                        ratio = log_ratio.exp()
-                        totals += torch.tensor([loss.item() * share, float(entropy[mask].sum()),
-                                                float((ratio - 1 - log_ratio).sum()), metrics["clip_fraction"] * tokens,
-                                                float(ratio.sum()), tokens], dtype=torch.float64)
-                        extremes = torch.minimum(extremes, torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64))
-                        log_weights += ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
-                optimizer.step()
-                totals, extremes, log_weights = dist.reduce_metrics(totals, extremes, log_weights)
-                w = np.exp(np.array(log_weights) - max(log_weights))
-                records.append({
-                    "policy_version": new_version, "step": len(records), "objective": config.objective,
-                    "loss": float(totals[0]), "entropy": float(totals[1]) / mini_tokens,
-                    "kl_behaviour": float(totals[2]) / mini_tokens, "clip_fraction": float(totals[3]) / mini_tokens,
-                    "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": float(grad_norm),
-                    "lr": config.lr, "tokens": mini_tokens, "seconds": time.perf_counter() - step_started,
-                    "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
-                    "ratio_max": -float(extremes[0]),
-                })
-                advance()
-    return records
+    groups = list(rows.groups().values())
+    schedule = [mini_batches(groups, config.mini_batch, random.Random(f"{config.seed}/{version}/{epoch}"))
+                for epoch in range(config.epochs)]
+    behaviour_versions = rows.scalars["policy_version"]
+    records, first_use = [], {}
+    with progress_bar(f"train v{version}->v{new_version} {config.objective}", sum(map(len, schedule)), "steps") as advance:
+        for mini in (batch for epoch in schedule for batch in epoch):
+            step_started = time.perf_counter()
+            lr = learning_rate(config, global_step + len(records))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            mini_tokens = sum(rows.length("token_ids", i) for i in mini)  # global: every rank knows all rows
+            # this rank's rows, shortest first, so each micro-batch pads to a similar length (length bucketing:
+            # a step's gradient is the same sum over the same rows, with far less padding); the row index breaks
+            # ties, so the same rows always make the same micro-batches whatever order they were drawn in
+            mine = sorted(mini[dist.rank::dist.world],
+                          key=lambda i: (rows.length("token_ids", i), rows.length("prompt_token_ids", i), i))
+            micro_batches = [mine[j:j + config.micro_batch] for j in range(0, len(mine), config.micro_batch)]
+            optimizer.zero_grad(set_to_none=True)
+            totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
+            extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios
+            deltas = []  # (row, signed sequence log-ratio Δ)
+            for index, micro in enumerate(micro_batches):
+                batch_rows = [rows[i] for i in micro]
+                logprobs, mask, entropy = completion_logprobs(
+                    wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
+                    batch_rows[0]["temperature"], 1.0, with_entropy=True)
+                batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
+                              ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
+                              advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
+                loss, metrics = objective.loss(batch, ocfg)
+                tokens = int(mask.sum())
+                share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
+                with dist.sync_if(index == len(micro_batches) - 1, wrapped):
+                    (loss * share * dist.world).backward()
+                with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
+                    log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
+                    ratio = log_ratio.exp()
+                    totals += torch.tensor([loss.item() * share, float(entropy[mask].sum()),
+                                            float((ratio - 1 - log_ratio).sum()), metrics["clip_fraction"] * tokens,
+                                            float(ratio.sum()), tokens], dtype=torch.float64)
+                    extremes = torch.minimum(extremes, torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64))
+                    deltas += zip(micro, ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+            optimizer.step()
+            totals, extremes, deltas = dist.reduce_metrics(totals, extremes, deltas)
+            for row, delta in deltas:
+                first_use.setdefault(row, (len(records), delta))
+            log_weights = np.array([delta for _, delta in deltas])
+            w = np.exp(log_weights - log_weights.max())
+            lags = [version - behaviour_versions[i] for i in mini]
+            records.append({
+                "policy_version": new_version, "step": len(records), "objective": config.objective,
+                "loss": float(totals[0]), "entropy": float(totals[1]) / mini_tokens,
+                "kl_behaviour": float(totals[2]) / mini_tokens, "clip_fraction": float(totals[3]) / mini_tokens,
+                "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": float(grad_norm),
+                "lr": lr, "tokens": mini_tokens, "seconds": time.perf_counter() - step_started,
+                "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
+                "ratio_max": -float(extremes[0]), "global_step": global_step + len(records),
+                "log_ratio_mean": float(log_weights.mean()), "lag_mean": float(np.mean(lags)),
+                "stale_steps_mean": float(np.mean([stale_base[behaviour_versions[i]] for i in mini])) + len(records),
+            })
+            advance()
+    optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
+    return records, first_use
 
 
-class Distributed:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; else a no-op.
+def commit(run_dir: Run, new_version: int, step_records: list[dict], group_records: list[dict], model, tokenizer,
+           meta: dict, optimizer_state: dict | None) -> None:
+    """train/version=v+1/{steps,groups}, then the checkpoint with its optimiser state (policy.json last)."""
+    import pyarrow as pa
 
-    Ranks hold whole replicas under DDP; with `fsdp` each transformer block and the root are wrapped by
-    FSDP2's `fully_shard`, so each rank holds 1/P of the parameters, gradients and Adam state. FSDP also
-    runs under torchrun with one process (a process group of one), which is how it is checked on one GPU.
-    """
+    from roll.policy import save_policy
+    from roll.store import SCHEMAS, write_table
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, fsdp: bool = False):
-        self.rank, self.world, self.local_rank, self.fsdp = rank, world, local_rank, fsdp
-        self.is_main = rank == 0
-        self.active = world > 1 or fsdp
-
-    @classmethod
-    def from_env(cls, fsdp: bool = False) -> "Distributed":
-        import os
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if fsdp and "MASTER_ADDR" not in os.environ:
-            raise RollError("--fsdp needs torchrun: use `roll train --nproc P --fsdp` or `torchrun ... -m roll train --fsdp`")
-        if world == 1 and not fsdp:
-            return cls()
-        import torch
-        import torch.distributed as td
-
-        if not td.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL: one GPU per rank
-            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
-
-    def device(self, requested: str) -> str:
-        from roll.policy import pick_device
-
-        device = pick_device(requested)
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.active else device
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def wrap(self, model):
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            # one FSDP unit per transformer block (the classes transformers marks unsplittable), then the root
-            # (embeddings, final norm, tied head): a block's full weights exist only while it runs
-            blocks = set(getattr(model, "_no_split_modules", None) or ())
-            for module in model.modules():
-                if type(module).__name__ in blocks:
-                    fully_shard(module)
-            fully_shard(model)
-            return model
-        if self.world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None)
-
-    def sync_if(self, last: bool, wrapped):
-        """Gradients are reduced across ranks on the last micro-batch of a step only (gradient accumulation)."""
-        from contextlib import contextmanager, nullcontext
-
-        if self.fsdp:
-            @contextmanager
-            def fsdp_sync():
-                wrapped.set_requires_gradient_sync(last)
-                yield
-            return fsdp_sync()
-        return nullcontext() if self.world == 1 or last else wrapped.no_sync()
-
-    def full_state_dict(self, model):
-        """FSDP: the unsharded weights on rank 0's CPU (None elsewhere, and without FSDP)."""
-        if not self.fsdp:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.is_main else None
-
-    def finish(self) -> None:
-        """Barrier, then destroy the process group (a rank leaving without it can abort gloo at exit)."""
-        if self.active:
-            import torch.distributed as td
-
-            td.barrier()
-            td.destroy_process_group()
-
-    def reduce_metrics(self, totals, extremes, log_weights):
-        if self.world == 1:
-            return totals, extremes, log_weights
-        import torch.distributed as td
-
-        td.all_reduce(totals)
-        td.all_reduce(extremes, op=td.ReduceOp.MIN)
-        gathered = [None] * self.world
-        td.all_gather_object(gathered, log_weights)
-        return totals, extremes, [w for part in gathered for w in part]
+    write_table(run_dir.train_path("steps", new_version), "steps", pa.Table.from_pylist(step_records, schema=SCHEMAS["steps"]))
+    write_table(run_dir.train_path("groups", new_version), "groups", pa.Table.from_pylist(group_records, schema=SCHEMAS["groups"]))
+    save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state)
 
 
 def padded(lists: list[list[float]], mask):

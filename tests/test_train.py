@@ -123,7 +123,7 @@ def test_window_reads_rows_from_arrow_buffers_including_slices_and_nulls():
     table (as DuckDB may return) and null lists (π_ref scored --no-ref) must give each row its own values."""
     import pyarrow as pa
 
-    from roll.stages.train import Window
+    from roll.window import Window
 
     def lists(values, kind):
         return pa.array(values, pa.list_(kind)).slice(1)

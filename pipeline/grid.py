@@ -1,0 +1,99 @@
+"""The staleness experiment of EXPERIMENTS.md: objectives × staleness kinds × seeds, one run directory a cell.
+
+    python -m roll.pipeline.grid runs/grid --parallel 2 --threads 1        # every cell, resumable
+    python -m roll.pipeline.grid runs/grid --only stable-pess-lag8-seed0   # one cell
+
+Each cell is `roll init` + `roll iterate` as subprocesses, with the same number of optimiser steps (24) and
+of generated completions (24 × 64 prompts × 8) whatever its staleness:
+
+    lagL        24 versions of one step, update v → v+1 on the rollouts of version v − L (clamped at 0)
+    sync8       3 versions of 8 steps: version v samples 8 × 64 prompts once, its update takes 8 steps on
+                disjoint slices of 64 prompts with π_b fixed (OAPL's sampler frozen, then synchronised)
+    lag8-fresh  lag 8 with --fresh-optimizer (a new AdamW every update: roll's behaviour before DESIGN §3.1a)
+
+Held-out pass@1 on the whole test split (500 prompts × 4 samples) at the start, the middle (12 steps; the
+sync cells evaluate every version, 8 steps apart) and the end. Cells run seed-major, so an interrupted grid
+still compares every objective on the seeds it reached; a cell whose iterate.json exists is done, and a
+killed cell resumes where it stopped (every stage skips what is committed). Checkpoints that nothing needs
+are deleted as the cell goes (`--keep-policies 1`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+OBJECTIVES = ("ppo", "oapl", "pmd-mean", "stable-pess")
+STEPS = 24
+STALENESS = {  # name → roll iterate options
+    "lag0": ["--iterations", str(STEPS), "--lag", "0", "--eval-every", str(STEPS // 2)],
+    "lag8": ["--iterations", str(STEPS), "--lag", "8", "--eval-every", str(STEPS // 2)],
+    "sync8": ["--iterations", str(STEPS // 8), "--sync-interval", "8", "--eval-every", "1"],
+    "lag8-fresh": ["--iterations", str(STEPS), "--lag", "8", "--eval-every", str(STEPS // 2), "--fresh-optimizer"],
+    "lag4": ["--iterations", str(STEPS), "--lag", "4", "--eval-every", str(STEPS // 2)],
+}
+
+
+def cells(seeds=(0, 1, 2)) -> list[tuple[str, str, int]]:
+    """(objective, staleness, seed), seed-major; lag 4 last (the issue's 'if time allows')."""
+    out = []
+    for seed in seeds:
+        out += [(o, s, seed) for s in ("lag0", "lag8", "sync8") for o in OBJECTIVES]
+        out += [("pg", "lag8", seed), ("stable-pess", "lag8-fresh", seed), ("ppo", "lag8-fresh", seed)]
+    out += [(o, "lag4", seed) for seed in seeds for o in OBJECTIVES]
+    return out
+
+
+def cell_name(objective: str, staleness: str, seed: int) -> str:
+    return f"{objective}-{staleness}-seed{seed}"
+
+
+def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int) -> dict:
+    run = out / cell_name(objective, staleness, seed)
+    done = run / "iterate.json"
+    if done.is_file():
+        return {"cell": run.name, "skipped": True}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    roll = [sys.executable, "-m", "roll"]
+    started = time.time()
+    log = (out / "logs").joinpath(f"{run.name}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as err:
+        if not (run / "run.toml").is_file():
+            subprocess.run([*roll, "init", "--run", str(run)], env=env, check=True, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.run([*roll, "iterate", "--run", str(run), "--objective", objective, "--seed", str(seed),
+                               "--keep-policies", "1", *STALENESS[staleness]],
+                              env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    if proc.returncode != 0:
+        return {"cell": run.name, "failed": proc.returncode}
+    summary = json.loads(proc.stdout)
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    summary["threads"] = threads
+    done.write_text(json.dumps(summary, indent=2) + "\n")
+    return {"cell": run.name, "seconds": summary["wall_seconds"]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--parallel", type=int, default=2, help="cells at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", action="append", default=None, help="run only this cell (repeatable)")
+    args = parser.parse_args(argv)
+    todo = cells(tuple(int(s) for s in args.seeds.split(",")))
+    if args.only:
+        todo = [c for c in todo if cell_name(*c) in args.only]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for result in pool.map(lambda c: run_cell(args.out, *c, args.threads), todo):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

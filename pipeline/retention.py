@@ -1,0 +1,77 @@
+"""gc: delete policy checkpoints that nothing still needs (`roll gc`, `roll iterate --keep-policies N`).
+
+With its optimiser state a checkpoint is about three times the weights, and a long run would keep one per
+version. A checkpoint is still needed, and kept, when it is
+
+* v0 — π_ref, and the parent of every run;
+* one of the latest N versions — the next update starts from the latest, and generation samples from it;
+* evaluated — its held-out numbers stay reproducible;
+* inside a future update's lag window (behaviour versions ≥ latest − L − W + 1, DESIGN §3.1) while its
+  rollouts are not yet generated and scored: scoring needs the behaviour checkpoint.
+
+Rollouts, verdicts, scores, steps, groups and evals are never deleted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.store import Run
+
+
+@dataclass(frozen=True)
+class GcConfig:
+    run: Path  # run directory
+    keep: int = 3  # N: the latest N policy versions are kept
+    lag: int = 0  # L of the updates still to come (their lag windows keep unscored versions)
+    window: int = 1  # W of the updates still to come
+    versions: tuple[int, ...] = ()  # delete exactly these (refused if one is still needed); () = all unneeded
+    dry_run: bool = False  # say what would be deleted, delete nothing
+
+
+def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
+    """Committed policy versions that must stay, each with the first reason why."""
+    versions = run.policy_versions()
+    if not versions:
+        return {}
+    latest = versions[-1]
+    evaluated = set(run.versions("evals"))
+    reasons: dict[int, str] = {}
+    for version in versions:
+        scored = run.complete_shard_count("rollouts", version) is not None and \
+            run.complete_shard_count("scores", version) == run.complete_shard_count("rollouts", version)
+        if version == 0:
+            reasons[version] = "v0 is π_ref and the run's start"
+        elif version in versions[-keep:]:
+            reasons[version] = f"one of the latest {keep}"
+        elif version in evaluated:
+            reasons[version] = "it is evaluated"
+        elif version >= latest - lag - window + 1 and not scored:
+            reasons[version] = "a future update's lag window reads it and its rollouts are not generated and scored yet"
+    return reasons
+
+
+def run(config: GcConfig) -> dict:
+    """Delete the unneeded checkpoints (or exactly `versions`); returns what was deleted and what was kept."""
+    if config.keep < 1:
+        raise RollError(f"--keep {config.keep}: must be at least 1 (the latest version is the next update's start)")
+    run_dir = Run(config.run)
+    if not run_dir.exists():
+        raise RollError(f"{run_dir.root}: no run here")
+    kept = needed(run_dir, config.keep, config.lag, config.window)
+    present = run_dir.policy_versions()
+    if config.versions:
+        missing = [v for v in config.versions if v not in present]
+        if missing:
+            raise RollError(f"{run_dir.root}: policy version {missing[0]} does not exist; nothing deleted")
+        blocked = [v for v in config.versions if v in kept]
+        if blocked:
+            raise RollError(f"{run_dir.root}: policy v{blocked[0]:04d} is still needed ({kept[blocked[0]]}); nothing deleted")
+        doomed = sorted(config.versions)
+    else:
+        doomed = [v for v in present if v not in kept]
+    if not config.dry_run:
+        for version in doomed:
+            run_dir.remove_policy(version)
+    return {"run": str(run_dir.root), "deleted": doomed, "kept": sorted(kept), "dry_run": config.dry_run}

@@ -1,0 +1,125 @@
+"""torch.distributed for train: DDP or FSDP2 under torchrun, a no-op in one process.
+
+Launched by torchrun (WORLD_SIZE > 1) it uses gloo on CPU and NCCL on GPU. Ranks hold whole replicas under
+DDP; with `fsdp` each transformer block and the root are wrapped by FSDP2's `fully_shard`, so each rank holds
+1/P of the parameters, gradients and Adam state. FSDP also runs under torchrun with one process (a process
+group of one), which is how it is checked on one GPU.
+
+Weights and optimiser state leave and enter through full (unsharded), name-keyed state dicts, so a state
+saved by P ranks resumes in any number of processes, under DDP, FSDP or none (DESIGN §3.1a).
+"""
+from __future__ import annotations
+
+import os
+
+from roll.errors import RollError
+
+
+class Distributed:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, fsdp: bool = False):
+        self.rank, self.world, self.local_rank, self.fsdp = rank, world, local_rank, fsdp
+        self.is_main = rank == 0
+        self.active = world > 1 or fsdp
+
+    @classmethod
+    def from_env(cls, fsdp: bool = False) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if fsdp and "MASTER_ADDR" not in os.environ:
+            raise RollError("--fsdp needs torchrun: use `roll train --nproc P --fsdp` or `torchrun ... -m roll train --fsdp`")
+        if world == 1 and not fsdp:
+            return cls()
+        import torch
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL: one GPU per rank
+            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
+
+    def device(self, requested: str) -> str:
+        from roll.policy import pick_device
+
+        device = pick_device(requested)
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.active else device
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def wrap(self, model):
+        """The module to run forward/backward through (the optimiser is built on `model.parameters()` after
+        this: FSDP replaces the parameters by their shards)."""
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            # one FSDP unit per transformer block (the classes transformers marks unsplittable), then the root
+            # (embeddings, final norm, tied head): a block's full weights exist only while it runs
+            blocks = set(getattr(model, "_no_split_modules", None) or ())
+            for module in model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module)
+            fully_shard(model)
+            return model
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None)
+
+    def sync_if(self, last: bool, wrapped):
+        """Gradients are reduced across ranks on the last micro-batch of a step only (gradient accumulation)."""
+        from contextlib import contextmanager, nullcontext
+
+        if self.fsdp:
+            @contextmanager
+            def fsdp_sync():
+                wrapped.set_requires_gradient_sync(last)
+                yield
+            return fsdp_sync()
+        return nullcontext() if self.world == 1 or last else wrapped.no_sync()
+
+    def full_state_dict(self, model):
+        """FSDP: the unsharded weights on rank 0's CPU (None elsewhere, and without FSDP)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def optimizer_state(self, model, optimizer) -> dict | None:
+        """The optimiser's full state keyed by parameter name, on rank 0's CPU (None on other ranks).
+        Collective under FSDP: every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        """Load a full, name-keyed optimiser state (every rank passes the same one; FSDP keeps its shard)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def finish(self) -> None:
+        """Barrier, then destroy the process group (a rank leaving without it can abort gloo at exit)."""
+        if self.active:
+            import torch.distributed as td
+
+            td.barrier()
+            td.destroy_process_group()
+
+    def reduce_metrics(self, totals, extremes, per_row: list):
+        """Sum `totals`, take the minimum of `extremes`, and concatenate every rank's `per_row` records."""
+        if self.world == 1:
+            return totals, extremes, per_row
+        import torch.distributed as td
+
+        td.all_reduce(totals)
+        td.all_reduce(extremes, op=td.ReduceOp.MIN)
+        gathered = [None] * self.world
+        td.all_gather_object(gathered, per_row)
+        return totals, extremes, [record for part in gathered for record in part]

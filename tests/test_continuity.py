@@ -1,0 +1,126 @@
+"""Updates that continue (DESIGN §3.1a): AdamW's state is committed with each version and resumed by the next
+update, so separate `roll train` processes take exactly the steps one continuous process takes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from roll.stages.generate import GenerateConfig, run as generate
+from roll.stages.train import prepare
+from roll.store import OPTIMIZER_STATE, Run, Shard, write_table
+
+from conftest import roll_cli, wait_for
+
+# one optimiser step per update: the mini-batch holds every row, so five updates are five AdamW steps
+STEP = ["--objective", "stable-pess", "--mini-batch", "1000", "--micro-batch", "8", "--lr", "1e-3"]
+
+
+def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
+    """Version-0 rollouts, verified and scored, with a spread of rewards so every group has a gradient (the
+    tiny random model never answers right; a custom reward job rewriting verdicts would do the same)."""
+    generate(GenerateConfig(run=run_dir, prompts=prompts, group_size=group_size, max_new_tokens=max_new_tokens))
+    prepare(Run(run_dir), [0])
+    path = Run(run_dir).shard_path("verdicts", 0, Shard(0, 1))
+    verdicts = pq.read_table(path)
+    rewards = pa.array([float(i % 2) for i in verdicts.column("sample_index").to_pylist()])
+    write_table(path, "verdicts", verdicts.set_column(verdicts.schema.get_field_index("reward"), "reward", rewards))
+
+
+def weights(run_dir, version) -> dict[str, torch.Tensor]:
+    return load_file(Run(run_dir).policy_dir(version) / "model.safetensors")
+
+
+def max_gap(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def separate_updates(run_dir, count, *extra):
+    """`count` separate `roll train` processes, update v → v+1 reading version 0 each time (lag v)."""
+    for version in range(count):
+        roll_cli("train", "--run", run_dir, "--version", version, "--lag", version, *STEP, *extra)
+
+
+def test_separate_updates_equal_one_continuous_run_and_fresh_optimizers_do_not(run_dir, tmp_path):
+    fixed_data_run(run_dir)
+    continuous, fresh = tmp_path / "continuous", tmp_path / "fresh"
+    shutil.copytree(run_dir, continuous)
+    shutil.copytree(run_dir, fresh)
+    separate_updates(run_dir, 5)
+    roll_cli("train", "--run", continuous, "--epochs", "5", *STEP)  # five steps in one process: v0 → v1
+    separate_updates(fresh, 5, "--fresh-optimizer")
+
+    steps = Run(continuous).connect().execute("select count(*) from steps").fetchone()[0]
+    assert steps == 5
+    # the same float operations in the same order: only summation order inside kernels could differ
+    assert max_gap(weights(run_dir, 5), weights(continuous, 1)) < 1e-6
+    # a fresh AdamW makes every step a sign step of size lr: after five steps the weights are far apart
+    assert max_gap(weights(fresh, 5), weights(continuous, 1)) > 1e-4
+    state = torch.load(Run(run_dir).policy_dir(5) / OPTIMIZER_STATE, weights_only=True)
+    assert state["global_step"] == 5
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {5.0}
+    assert not (Run(fresh).policy_dir(5) / OPTIMIZER_STATE).exists()
+    meta = json.loads((Run(run_dir).policy_dir(5) / "policy.json").read_text())
+    assert meta["optimizer"] == "resumed from v0004" and meta["global_step"] == 5
+    global_steps = Run(run_dir).connect().execute("select global_step from steps order by policy_version").fetchall()
+    assert [g for (g,) in global_steps] == [0, 1, 2, 3, 4]
+
+
+def test_an_update_from_an_older_parent_resumes_that_parents_state(run_dir):
+    fixed_data_run(run_dir)
+    separate_updates(run_dir, 4)
+    original = weights(run_dir, 3)
+    # retrain v3 from v2: it must resume v2's state (2 steps), not v3's or v4's newer one
+    roll_cli("train", "--run", run_dir, "--version", 2, "--lag", 2, "--force", *STEP)
+    assert max_gap(weights(run_dir, 3), original) < 1e-6
+    state = torch.load(Run(run_dir).policy_dir(3) / OPTIMIZER_STATE, weights_only=True)
+    assert state["global_step"] == 3
+
+
+def test_warmup_is_linear_over_global_optimiser_steps(run_dir):
+    fixed_data_run(run_dir)
+    for version in range(4):
+        roll_cli("train", "--run", run_dir, "--version", version, "--lag", version, *STEP, "--warmup-steps", 2)
+    lrs = Run(run_dir).connect().execute("select lr from steps order by global_step").fetchall()
+    # step t uses lr·(t+1)/(W+1) while t < W: 1/3, 2/3 of 1e-3, then 1e-3
+    assert [lr for (lr,) in lrs] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_sigkill_while_committing_leaves_no_half_written_state_and_the_rerun_matches(tmp_path):
+    """A model big enough (~45 MB weights, ~90 MB Adam state) that its commit takes a while to write."""
+    from roll.policy import build_default_model, build_default_tokenizer
+    from roll.runs import InitConfig, init_run
+
+    model_dir = tmp_path / "model"
+    tokenizer = build_default_tokenizer()
+    build_default_model(tokenizer, d_model=384, layers=6, heads=6, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    init_run(InitConfig(run=killed, model=str(model_dir)))
+    fixed_data_run(killed, prompts=2, group_size=2, max_new_tokens=8)
+    shutil.copytree(killed, reference)
+    roll_cli("train", "--run", reference, *STEP)
+
+    args = [sys.executable, "-m", "roll", "train", "--run", str(killed), *STEP]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    policies = Run(killed).root / "policies"
+    wait_for(lambda: list(policies.glob(".v0001.*.tmp")) or proc.poll() is not None, timeout=300,
+             what="the commit's temporary directory")
+    proc.kill()
+    proc.wait()
+    assert list(policies.glob(".v0001.*.tmp")), "the update was not killed inside its commit"
+    assert Run(killed).policy_versions() == [0] and not (policies / "v0001").exists()
+    roll_cli("train", "--run", killed, *STEP)
+    assert sorted(p.name for p in policies.iterdir()) == ["v0000", "v0001"]  # the dead commit's temporary is gone
+    assert max_gap(weights(killed, 1), weights(reference, 1)) < 1e-6
+    a = torch.load(policies / "v0001" / OPTIMIZER_STATE, weights_only=True)["optimizer"]["state"]
+    b = torch.load(Run(reference).policy_dir(1) / OPTIMIZER_STATE, weights_only=True)["optimizer"]["state"]
+    assert a.keys() == b.keys()
+    assert max((a[k]["exp_avg_sq"] - b[k]["exp_avg_sq"]).abs().max().item() for k in a) < 1e-9
