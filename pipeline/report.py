@@ -1,7 +1,7 @@
 """report: PNG plots and a markdown summary over one or several runs, every number from SQL on their tables.
 
-    pass1.png        held-out pass@1 against policy version and against samples generated
-    training.png     token entropy, KL(π_b‖π_θ), clip fraction and ESS per version
+    pass1.png        held-out pass@1 against optimiser steps and against completions generated
+    training.png     token entropy, KL(π_b‖π_θ), clip fraction, ESS and the signed log-ratio Δ per optimiser step
     regimes.png      share of groups in each Lambert regime, and median k, by lag
     summary.md       one row per run: objective, lag, final pass@1, entropy at the end, regime shares
 
@@ -17,11 +17,13 @@ from roll.errors import RollError
 from roll.store import Run
 
 QUERIES = {
-    "pass1": """SELECT policy_version, avg(correct::DOUBLE) AS pass1 FROM evals GROUP BY 1 ORDER BY 1""",
+    # the optimiser steps behind version v: every step of the updates that produced versions 1…v
+    "pass1": """SELECT policy_version, avg(correct::DOUBLE) AS pass1,
+                       (SELECT count(*) FROM steps s WHERE s.policy_version <= e.policy_version) AS optimizer_steps
+                FROM evals e GROUP BY 1 ORDER BY 1""",
     "samples": """SELECT policy_version, count(*) AS samples FROM rollouts GROUP BY 1 ORDER BY 1""",
-    "training": """SELECT policy_version, avg(entropy) AS entropy, avg(kl_behaviour) AS kl, avg(clip_fraction) AS clip,
-                          avg(ess) AS ess, any_value(objective) AS objective
-                   FROM steps GROUP BY 1 ORDER BY 1""",
+    "training": """SELECT global_step, entropy, kl_behaviour AS kl, clip_fraction AS clip, ess, log_ratio_mean,
+                          objective FROM steps ORDER BY global_step""",
     "regimes": """SELECT lag, regime, count(*) AS groups FROM groups GROUP BY 1, 2 ORDER BY 1, 2""",
     "median_k": """SELECT lag, median(k) AS median_k FROM groups WHERE NOT isnan(k) GROUP BY 1 ORDER BY 1""",
     "meta": """SELECT any_value(objective) AS objective, max(lag) AS max_lag, count(DISTINCT policy_version) AS updates
@@ -66,31 +68,35 @@ def run(config: ReportConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    fig, (by_version, by_samples) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # against optimiser steps and completions generated, not versions: a version of S steps (sync interval S)
+    # and S versions of one step then sit at the same place on the axis
+    fig, (by_steps, by_samples) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, d in data.items():
         versions = [row["policy_version"] for row in d["pass1"]]
         pass1 = [100 * row["pass1"] for row in d["pass1"]]
-        by_version.plot(versions, pass1, marker="o", label=label)
+        by_steps.plot([row["optimizer_steps"] for row in d["pass1"]], pass1, marker="o", label=label)
         # samples generated before version v was produced: rollouts of versions < v
         seen = [d["cumulative_samples"].get(v - 1, 0) for v in versions]
         by_samples.plot(seen, pass1, marker="o", label=label)
-    by_version.set(xlabel="policy version (updates)", ylabel="held-out pass@1 (%)", title="pass@1 by version")
+    by_steps.set(xlabel="optimiser steps", ylabel="held-out pass@1 (%)", title="pass@1 by optimiser steps")
     by_samples.set(xlabel="completions generated", ylabel="held-out pass@1 (%)", title="pass@1 by samples generated")
-    for ax in (by_version, by_samples):
+    for ax in (by_steps, by_samples):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pass1.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     panels = (("entropy", "token entropy of π_θ (nats)"), ("kl", "KL(π_b‖π_θ) per token (k3, nats)"),
-              ("clip", "clip fraction (share of tokens)"), ("ess", "ESS of sequence weights e^Δ (share)"))
+              ("clip", "clip fraction (share of tokens)"), ("ess", "ESS of sequence weights e^Δ (share)"),
+              ("log_ratio_mean", "mean signed Δ = log π_θ − log π_b (nats)"))
+    axes.flat[-1].axis("off")
     for ax, (key, ylabel) in zip(axes.flat, panels):
         for label, d in data.items():
-            ax.plot([row["policy_version"] for row in d["training"]], [row[key] for row in d["training"]],
+            ax.plot([row["global_step"] for row in d["training"]], [row[key] for row in d["training"]],
                     marker=".", label=label)
-        ax.set(xlabel="policy version produced", ylabel=ylabel)
+        ax.set(xlabel="optimiser step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -49,3 +49,21 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
     while not predicate():
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
+
+
+def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
+    """Version-0 rollouts, verified and scored, with a spread of rewards so every group has a gradient (the
+    tiny random model never answers right; a custom reward job rewriting verdicts would do the same)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from roll.stages.generate import GenerateConfig, run as generate
+    from roll.stages.train import prepare
+    from roll.store import Run, Shard, write_table
+
+    generate(GenerateConfig(run=run_dir, prompts=prompts, group_size=group_size, max_new_tokens=max_new_tokens))
+    prepare(Run(run_dir), [0])
+    path = Run(run_dir).shard_path("verdicts", 0, Shard(0, 1))
+    verdicts = pq.read_table(path)
+    rewards = pa.array([float(i % 2) for i in verdicts.column("sample_index").to_pylist()])
+    write_table(path, "verdicts", verdicts.set_column(verdicts.schema.get_field_index("reward"), "reward", rewards))

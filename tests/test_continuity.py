@@ -7,31 +7,16 @@ import shutil
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from roll.stages.generate import GenerateConfig, run as generate
-from roll.stages.train import prepare
-from roll.store import OPTIMIZER_STATE, Run, Shard, write_table
+from roll.store import OPTIMIZER_STATE, Run
 
-from conftest import roll_cli, wait_for
+from conftest import fixed_data_run, roll_cli, wait_for
 
 # one optimiser step per update: the mini-batch holds every row, so five updates are five AdamW steps
 STEP = ["--objective", "stable-pess", "--mini-batch", "1000", "--micro-batch", "8", "--lr", "1e-3"]
-
-
-def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
-    """Version-0 rollouts, verified and scored, with a spread of rewards so every group has a gradient (the
-    tiny random model never answers right; a custom reward job rewriting verdicts would do the same)."""
-    generate(GenerateConfig(run=run_dir, prompts=prompts, group_size=group_size, max_new_tokens=max_new_tokens))
-    prepare(Run(run_dir), [0])
-    path = Run(run_dir).shard_path("verdicts", 0, Shard(0, 1))
-    verdicts = pq.read_table(path)
-    rewards = pa.array([float(i % 2) for i in verdicts.column("sample_index").to_pylist()])
-    write_table(path, "verdicts", verdicts.set_column(verdicts.schema.get_field_index("reward"), "reward", rewards))
 
 
 def weights(run_dir, version) -> dict[str, torch.Tensor]:

@@ -66,10 +66,15 @@ def test_lag_selects_stale_versions_and_records_lag_and_optimiser_steps(run_dir)
     for version in range(3):
         generate(GenerateConfig(run=run_dir, version=version, **SMALL))
         train(TrainConfig(run=run_dir, objective="pmd-mean", lag=1, window=2, **FAST))
-    rows = query(Run(run_dir), "select policy_version, data_version, lag, optimizer_steps, count(*) from groups "
+    rows = query(Run(run_dir), "select policy_version, data_version, lag, optimizer_steps - step, count(*) from groups "
                                "group by all order by 1, 2").fetchall()
-    # update 0→1 reads [0,0]; 1→2 reads [0,0]; 2→3 reads [0,1]; each update takes 2 optimiser steps
+    # update 0→1 reads [0,0]; 1→2 reads [0,0]; 2→3 reads [0,1]; each update takes 2 optimiser steps (3 groups
+    # of 4 rows a step), so a group first used in the update's step j has had (steps before the update) + j
     assert rows == [(1, 0, 0, 0, 6), (2, 0, 1, 2, 6), (3, 0, 2, 4, 6), (3, 1, 1, 2, 6)]
+    steps = query(Run(run_dir), "select policy_version, step, count(*) from groups group by all order by 1, 2").fetchall()
+    assert steps == [(1, 0, 3), (1, 1, 3), (2, 0, 3), (2, 1, 3), (3, 0, 3), (3, 1, 3), (3, 2, 3), (3, 3, 3)]
+    stale = query(Run(run_dir), "select policy_version, step, lag_mean, stale_steps_mean from steps order by 1, 2").fetchall()
+    assert stale[:4] == [(1, 0, 0.0, 0.0), (1, 1, 0.0, 1.0), (2, 0, 1.0, 2.0), (2, 1, 1.0, 3.0)]
 
 
 def test_apo_generates_missing_version0_samples_once(run_dir):
