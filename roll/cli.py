@@ -5,6 +5,7 @@ Heavy libraries (torch, transformers, duckdb) are imported inside the commands, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,8 +49,19 @@ def version_option(f):
                         help="Policy version to use. [default: the latest committed]")(f)
 
 
+def json_safe(value):
+    """JSON has no NaN or infinity: a non-finite float becomes null, so every summary is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def print_summary(summary: dict) -> None:
-    click.echo(json.dumps(summary, indent=2, default=str))
+    click.echo(json.dumps(json_safe(summary), indent=2, default=str, allow_nan=False))
 
 
 @click.group(cls=RollGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -233,6 +245,8 @@ TRAINING_OPTIONS = options(
     click.option("--weight-decay", default=0.0, help="AdamW decoupled weight decay."),
     click.option("--fresh-optimizer", is_flag=True,
                  help="Start a new AdamW every update instead of resuming the parent version's state."),
+    click.option("--drop-zero-variance", is_flag=True,
+                 help="Leave out groups whose rewards are all equal (DAPO's dynamic sampling filter)."),
     click.option("--epochs", default=1, help="Passes over the selected rows per update."),
     click.option("--mini-batch", default=512, help="Completions per optimiser step."),
     click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation)."),

@@ -104,6 +104,17 @@ class Distributed:
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
+    def all_true(self, flag: bool) -> bool:
+        """True only if `flag` holds on every rank."""
+        if not self.active:
+            return flag
+        import torch
+        import torch.distributed as td
+
+        value = torch.tensor([0.0 if flag else 1.0], device=self.device("auto") if td.get_backend() == "nccl" else "cpu")
+        td.all_reduce(value)
+        return float(value.item()) == 0.0
+
     def finish(self) -> None:
         """Barrier, then destroy the process group (a rank leaving without it can abort gloo at exit)."""
         if self.active:

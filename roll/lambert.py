@@ -62,8 +62,11 @@ def lambert_w0_negative(x: np.ndarray) -> np.ndarray:
     return np.where(p < 1e-4, series, w)
 
 
-def _log_ratio(u: np.ndarray, k: float) -> np.ndarray:
-    """log r = u − W₀(k e^u), evaluated without forming e^u."""
+def _log_ratio(u: np.ndarray, k: float, log_k: float | None = None) -> np.ndarray:
+    """log r = u − W₀(k e^u), evaluated without forming e^u (nor k itself, when `log_k` is given: k may
+    exceed float64 when A/β does, e.g. rewards of 1e39)."""
+    if log_k is not None:
+        return u - wright_omega(log_k + u)
     if k > 0:
         return u - wright_omega(math.log(k) + u)
     if k == 0:
@@ -71,9 +74,9 @@ def _log_ratio(u: np.ndarray, k: float) -> np.ndarray:
     return u - lambert_w0_negative(-np.exp(math.log(-k) + u))
 
 
-def _log_normaliser(u: np.ndarray, log_w: np.ndarray, k: float) -> float:
+def _log_normaliser(u: np.ndarray, log_w: np.ndarray, k: float, log_k: float | None = None) -> float:
     """log g(k) = log Σ w·r."""
-    a = log_w + _log_ratio(u, k)
+    a = log_w + _log_ratio(u, k, log_k)
     top = a.max()
     return float(top + math.log(np.exp(a - top).sum()))
 
@@ -120,19 +123,23 @@ def solve(advantages, beta: float, weights=None, iterations: int = 200) -> Lambe
     elif m > 0:
         regime = "pessimistic"
         lo, hi = -1.0, 1.0  # bracket log k: log g > 0 at lo, < 0 at hi
-        while _log_normaliser(u, log_w, math.exp(lo)) <= 0:
+        while _log_normaliser(u, log_w, 0.0, lo) <= 0:
             lo -= 2.0 * abs(lo) + 1.0
-        while _log_normaliser(u, log_w, math.exp(hi)) >= 0:
+        while _log_normaliser(u, log_w, 0.0, hi) >= 0:
             hi += 2.0 * abs(hi) + 1.0
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
             if mid in (lo, hi):  # the bracket is down to adjacent doubles: further halvings change nothing
                 break
-            if _log_normaliser(u, log_w, math.exp(mid)) > 0:
+            if _log_normaliser(u, log_w, 0.0, mid) > 0:
                 lo = mid
             else:
                 hi = mid
-        k = math.exp(0.5 * (lo + hi))
+        log_k = 0.5 * (lo + hi)
+        k = math.exp(log_k) if log_k < 709.0 else math.inf  # past float64's range k is reported as inf
+        induced = np.exp(log_w + _log_ratio(u, k, log_k))
+        induced = induced / induced.sum()
+        return LambertTarget(m, k, regime, induced, boltzmann, _entropy(induced), _entropy(boltzmann))
     else:
         # k < 0: W₀(k e^u) needs k e^{u_max} ≥ −1/e, so k ≥ k_min = −e^{−1−u_max}
         k_min = -math.exp(-1.0 - float(u.max()))

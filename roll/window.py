@@ -13,6 +13,7 @@ class Window:
     def __init__(self, table):
         import numpy as np
 
+        self.table = table
         self.size = table.num_rows
         self.scalars = {name: table.column(name).to_pylist() for name in table.column_names if name not in self.LISTS}
         self.lists = {}
@@ -34,6 +35,10 @@ class Window:
     def length(self, name: str, i: int) -> int:
         offsets = self.lists[name][1]
         return int(offsets[i + 1] - offsets[i])
+
+    def take(self, indices) -> "Window":
+        """A window of the rows at `indices` (in that order)."""
+        return Window(self.table.take(indices))
 
     def groups(self) -> dict[tuple[int, str], list[int]]:
         """Row indices of each group: one prompt's samples from one behaviour version, in row order."""

@@ -30,6 +30,9 @@ from roll.store import Run
 from roll.window import Window
 
 
+MIN_TEMPERATURE = 1e-8  # the Lambert solve is checked down to β = 1e-8 (tests/test_lambert.py)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     run: Path  # run directory
@@ -48,6 +51,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up over the run's first N optimiser steps (0 = none, as TRL and verl)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
     fresh_optimizer: bool = False  # a new AdamW every update (no state carried from the parent version)
+    drop_zero_variance: bool = False  # leave out groups whose rewards are all equal (DAPO's dynamic sampling)
     epochs: int = 1  # passes over the selected rows
     mini_batch: int = 512  # completions per optimiser step
     micro_batch: int = 64  # completions per forward/backward (gradient accumulation)
@@ -68,6 +72,10 @@ def check_config(config: TrainConfig) -> None:
     for name in ("beta", "beta1", "lr"):
         if not getattr(config, name) > 0:
             raise RollError(f"--{name} {getattr(config, name)}: must be > 0")
+    for name in ("beta", "beta1"):  # A/β must stay inside float64 for the soft value and the Lambert solve
+        if getattr(config, name) < MIN_TEMPERATURE:
+            raise RollError(f"--{name} {getattr(config, name)}: must be at least {MIN_TEMPERATURE:g} "
+                            f"(A/β would leave float64's range in the Lambert diagnostics)")
     if config.lag < 0 or config.window < 1:
         raise RollError(f"--lag {config.lag} --window {config.window}: need lag >= 0 and window >= 1")
     if config.warmup_steps < 0 or config.weight_decay < 0:
@@ -155,6 +163,7 @@ def run(config: TrainConfig) -> dict:
     stale_base = {v: steps_since(run_dir, v, version) for v in data_versions}
     step_records, first_use = optimise(wrapped, model, optimizer, rows, advantages, config, version, new_version,
                                        global_step, stale_base, dist)
+    check_finite(step_records, model, optimizer, version, dist)
     for record in group_records:  # when each group was first used, and how far π_θ had moved from π_b by then
         members = record.pop("members")
         record["step"] = first_use[members[0]][0]
@@ -188,8 +197,16 @@ def run(config: TrainConfig) -> dict:
 
 
 def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[Window, list[int]]:
-    """The lag window's samples with rewards and trainer log-probs (verified and scored first where missing)."""
+    """The lag window's samples with rewards and trainer log-probs (verified and scored first where missing).
+
+    A window that reaches before version 0 is clamped at 0, and said in one line: update v → v+1 then reads
+    data of a smaller lag than asked for, which policy.json records as `data_versions`.
+    """
     lo, hi = data_window(version, config.lag, config.window)
+    if version - config.lag - config.window + 1 < 0 and dist.is_main:
+        asked = f"[{version - config.lag - config.window + 1}, {version - config.lag}]"
+        print(f"roll: the lag window {asked} of update {version} -> {version + 1} reaches before version 0; "
+              f"reading [{lo}, {hi}] (lag {version - hi})", file=sys.stderr)
     data_versions = [v for v in run_dir.versions("rollouts") if lo <= v <= hi]
     if not data_versions:
         raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {version + 1} holds no "
@@ -198,7 +215,41 @@ def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[
     if dist.is_main:  # π_ref's forward pass only when the objective reads it
         prepare(run_dir, data_versions, ref=uses_reference(config.objective, config.objective_config()))
     dist.barrier()  # every rank reads the same committed verdicts and scores
-    return load_rows(run_dir, lo, hi), data_versions
+    rows = load_rows(run_dir, lo, hi)
+    return check_groups(rows, config, dist), data_versions
+
+
+# What an objective does with a group whose rewards are all equal (or a group of one sample).
+FLAT_GROUPS = {
+    "ppo": "no gradient (advantage 0)", "cispo": "no gradient (advantage 0)", "pg": "no gradient (advantage 0)",
+    "oapl": "only the pull (β·Δ)² towards π_b (advantage 0)", "pmd-mean": "only the pull (β·Δ)² towards π_b (advantage 0)",
+    "stable-pess": "raises every sampled completion (advantage s·β)", "apo": "an advantage r − V* from version 0",
+}
+
+
+def check_groups(rows: Window, config: TrainConfig, dist) -> Window:
+    """Say, in one line, what share of the groups has one sample or no reward spread and what the objective
+    does with them; with `drop_zero_variance`, leave them out (DAPO's dynamic sampling filter)."""
+    import numpy as np
+
+    groups = rows.groups()
+    rewards = rows.scalars["reward"]
+    flat = [members for members in groups.values() if len(members) < 2 or len({rewards[i] for i in members}) == 1]
+    if flat and dist.is_main:
+        singles = sum(1 for members in flat if len(members) < 2)
+        what = f"{len(flat)} of {len(groups)} groups ({100 * len(flat) / len(groups):.0f}%)"
+        kind = f"have one sample ({singles}) or no reward spread" if singles else "have no reward spread"
+        action = "left out (--drop-zero-variance)" if config.drop_zero_variance else f"{config.objective}: {FLAT_GROUPS[config.objective]}"
+        print(f"roll: {what} {kind}; {action}", file=sys.stderr)
+    if not config.drop_zero_variance or not flat:
+        return rows
+    keep = np.ones(len(rows), bool)
+    for members in flat:
+        keep[members] = False
+    if not keep.any():
+        raise RollError(f"every group of the lag window has one sample or no reward spread; nothing left to train "
+                        f"on with --drop-zero-variance")
+    return rows.take(np.flatnonzero(keep))
 
 
 def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig, dist) -> tuple:
@@ -233,6 +284,35 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
             "members": members,
         })
     return advantages, records
+
+
+def check_finite(step_records: list[dict], model, optimizer, version: int, dist) -> None:
+    """Refuse to commit an update whose loss, weights or AdamW state are not all finite (DESIGN §6)."""
+    import torch
+
+    def local(tensor):  # an FSDP parameter or state is a DTensor: check this rank's shard
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    problem = None
+    for record in step_records:
+        if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+            problem = f"the loss is {record['loss']} and the gradient norm {record['grad_norm']} at step {record['step']}"
+            break
+    probe_ok = dist.all_true(step_records[-1].pop("probe_finite"))
+    if problem is None and not probe_ok:
+        problem = "the updated policy's log-probs are not finite"
+    weights_ok = all(bool(torch.isfinite(local(p)).all()) for p in model.parameters())
+    state_ok = all(bool(torch.isfinite(local(value)).all()) for state in optimizer.state.values()
+                   for value in state.values() if torch.is_tensor(value))
+    weights_ok, state_ok = dist.all_true(weights_ok), dist.all_true(state_ok)
+    if problem is None and not weights_ok:
+        problem = "the updated weights hold non-finite values"
+    if problem is None and not state_ok:
+        problem = "the AdamW state holds non-finite values"
+    if problem:
+        dist.finish()
+        raise RollError(f"update {version} -> {version + 1}: {problem}; nothing committed "
+                        f"(check the rewards, or lower --lr)")
 
 
 def learning_rate(config: TrainConfig, global_step: int) -> float:
@@ -367,6 +447,11 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             })
             advance()
     optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
+    with torch.no_grad():  # the updated policy on the last step's first micro-batch: finite weights can still
+        batch_rows = [rows[i] for i in micro_batches[0]]  # give NaN log-probs (weights of 1e30 after --lr 1e30)
+        logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
+                                                [r["token_ids"] for r in batch_rows], batch_rows[0]["temperature"], 1.0)
+        records[-1]["probe_finite"] = bool(torch.isfinite(logprobs[mask]).all())
     return records, first_use
 
 

@@ -1,0 +1,92 @@
+"""Nothing lost, nothing mixed, nothing non-finite committed (DESIGN §6), tried as a careless user would."""
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from roll.stages.generate import GenerateConfig, run as generate
+from roll.stages.train import prepare
+from roll.store import Run, Shard, write_table
+
+from conftest import roll_cli
+
+
+def one_line_error(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("roll: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def committed(run_dir) -> set[str]:
+    """Every visible file of the run (what a reader or SQL can see)."""
+    root = Run(run_dir).root
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+def set_rewards(run_dir, rewards):
+    path = Run(run_dir).shard_path("verdicts", 0, Shard(0, 1))
+    verdicts = pq.read_table(path)
+    values = pa.array([rewards(i) for i in range(verdicts.num_rows)], pa.float64())
+    write_table(path, "verdicts", verdicts.set_column(verdicts.schema.get_field_index("reward"), "reward", values))
+
+
+def test_an_update_with_a_non_finite_outcome_is_refused_and_nothing_is_committed(run_dir):
+    generate(GenerateConfig(run=run_dir, prompts=4, group_size=4, max_new_tokens=12))
+    prepare(Run(run_dir), [0])
+    set_rewards(run_dir, lambda i: float(i % 2))
+    before = committed(run_dir)
+    # weights of ±1e30 are finite, but the policy they make is not: its log-probs are NaN
+    assert "log-probs are not finite" in one_line_error(roll_cli("train", "--run", run_dir, "--lr", "1e30", check=False))
+    assert committed(run_dir) == before and Run(run_dir).policy_versions() == [0]
+    set_rewards(run_dir, lambda i: 1e39 * (i % 2))  # finite, absurd rewards: (β·Δ − A)² overflows float32
+    for objective in ("stable-pess", "pmd-mean"):  # (ppo normalises its advantages: it trains on them)
+        line = one_line_error(roll_cli("train", "--run", run_dir, "--objective", objective, check=False))
+        assert "nothing committed" in line
+        assert committed(run_dir) == before and Run(run_dir).policy_versions() == [0]
+
+
+def test_temperatures_that_overflow_the_diagnostics_are_refused_with_one_line(run_dir):
+    assert "--beta 1e-300: must be at least 1e-08" in one_line_error(
+        roll_cli("train", "--run", run_dir, "--beta", "1e-300", check=False))
+    assert "--beta1 1e-30: must be at least 1e-08" in one_line_error(
+        roll_cli("train", "--run", run_dir, "--beta1", "1e-30", check=False))
+
+
+def test_summaries_are_valid_json_with_null_for_non_finite_numbers(capsys):
+    from roll.cli import print_summary
+
+    print_summary({"loss": math.nan, "k": [math.inf, 1.0], "nested": {"x": -math.inf}})
+    assert json.loads(capsys.readouterr().out) == {"loss": None, "k": [None, 1.0], "nested": {"x": None}}
+
+
+def test_flat_groups_are_named_with_their_share_and_can_be_dropped(run_dir):
+    generate(GenerateConfig(run=run_dir, prompts=4, group_size=4, max_new_tokens=12))
+    prepare(Run(run_dir), [0])
+    set_rewards(run_dir, lambda i: float(i < 4))  # group 1 all correct, groups 2-4 all wrong: no spread anywhere
+    proc = roll_cli("train", "--run", run_dir, "--objective", "ppo", check=False)
+    assert "roll: 4 of 4 groups (100%) have no reward spread; ppo: no gradient (advantage 0)" in proc.stderr
+    line = one_line_error(roll_cli("train", "--run", run_dir, "--version", 0, "--force", "--drop-zero-variance", check=False))
+    assert "nothing left to train on" in line
+    set_rewards(run_dir, lambda i: float(i in (0, 4, 5)))  # groups 1 and 2 have a spread, 3 and 4 do not
+    proc = roll_cli("train", "--run", run_dir, "--version", 0, "--force", "--drop-zero-variance")
+    assert "roll: 2 of 4 groups (50%) have no reward spread; left out (--drop-zero-variance)" in proc.stderr
+    assert json.loads(proc.stdout)["groups"] == 2 and json.loads(proc.stdout)["rows"] == 8
+
+
+def test_groups_of_one_sample_are_named(run_dir):
+    generate(GenerateConfig(run=run_dir, prompts=3, group_size=1, max_new_tokens=12))
+    proc = roll_cli("train", "--run", run_dir, "--objective", "stable-pess")
+    assert "roll: 3 of 3 groups (100%) have one sample (3) or no reward spread; stable-pess: raises every sampled " \
+           "completion (advantage s·β)" in proc.stderr
+
+
+def test_a_lag_window_before_version_0_is_clamped_loudly_and_recorded(run_dir):
+    generate(GenerateConfig(run=run_dir, prompts=2, group_size=2, max_new_tokens=8))
+    proc = roll_cli("train", "--run", run_dir, "--lag", 5, "--window", 3)
+    assert "roll: the lag window [-7, -5] of update 0 -> 1 reaches before version 0; reading [0, 0] (lag 0)" in proc.stderr
+    meta = json.loads((Run(run_dir).policy_dir(1) / "policy.json").read_text())
+    assert meta["data_versions"] == [0] and meta["hyperparameters"]["lag"] == 5
