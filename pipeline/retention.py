@@ -9,7 +9,8 @@ version. A checkpoint is still needed, and kept, when it is
 * inside a future update's lag window (behaviour versions ≥ latest − L − W + 1, DESIGN §3.1) while its
   rollouts are not yet generated and scored: scoring needs the behaviour checkpoint.
 
-Rollouts, verdicts, scores, steps, groups and evals are never deleted.
+Rollouts, verdicts, scores, steps, groups and evals are never deleted, nor a version's policy.json: it stays
+as the record that the version was committed (parent, objective, data versions, optimiser steps).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class GcConfig:
 
 
 def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
-    """Committed policy versions that must stay, each with the first reason why."""
-    versions = run.policy_versions()
+    """Policy versions on disk that must stay, each with the first reason why."""
+    versions = run.checkpoint_versions()
     if not versions:
         return {}
     latest = versions[-1]
@@ -60,7 +61,7 @@ def run(config: GcConfig) -> dict:
     if not run_dir.exists():
         raise RollError(f"{run_dir.root}: no run here")
     kept = needed(run_dir, config.keep, config.lag, config.window)
-    present = run_dir.policy_versions()
+    present = run_dir.checkpoint_versions()
     if config.versions:
         missing = [v for v in config.versions if v not in present]
         if missing:

@@ -18,13 +18,18 @@ WARM_CHILD = False  # set in a child of `roll warm`: its command runs here, neve
 
 
 class RollGroup(click.Group):
-    """Turns a RollError into one line on stderr and exit status 2."""
+    """Turns a RollError, or an OS error (disk full, read-only file system, no permission …), into one line
+    on stderr and exit status 2. Writers commit by rename, so whatever failed left nothing half-written."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except RollError as exc:
             click.echo(f"roll: error: {exc}", err=True)
+            ctx.exit(2)
+        except OSError as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            click.echo(f"roll: error: {where}{exc.strerror or exc}", err=True)
             ctx.exit(2)
 
 

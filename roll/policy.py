@@ -155,21 +155,30 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
     """
     import torch
 
-    from roll.store import OPTIMIZER_STATE, clear_stale_temporaries
+    from roll.store import OPTIMIZER_STATE, apply_umask, clear_stale_temporaries, os_error, temporary_path
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale_temporaries(directory)  # a half-written checkpoint of a committer that was killed
-    tmp = directory.parent / f".{directory.name}.{os.getpid()}.tmp"  # mkdtemp would make it mode 0700
-    tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
-    (tmp / "policy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    tmp = temporary_path(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(directory)  # a half-written checkpoint of a committer that was killed
+        tmp.mkdir()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
+        (tmp / "policy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        apply_umask(tmp)  # safetensors writes its file 0600
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise os_error(exc, directory) from None
+        if "(os error " in str(exc):  # safetensors reports I/O errors as SafetensorError("… (os error 28)")
+            raise RollError(f"{directory}: {str(exc).splitlines()[0]} (nothing was committed)") from None
+        raise
     _remember(directory, str(next(model.parameters()).device).replace("cuda:0", "cuda"), model, tokenizer)
     return directory
 

@@ -13,10 +13,11 @@ the schema is checked on both sides and a half-written file is never visible:
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,37 +152,89 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
     return table.select(schema.names)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where a writer of `path` writes before renaming into place: hidden, named by host and pid, so another
+    writer (on this host or another node of a shared file system) can tell whether its owner still lives."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp"
+
+
+def _owner_alive(stale: Path, name: str) -> bool:
+    """Whether the process that named temporary `stale` may still be writing it."""
+    owner = stale.name[len(name) + 2:-len(".tmp")]
+    host, _, pid = owner.rpartition("-")
+    if not pid.isdigit():  # a name from before temporaries carried their owner: nobody writes it any more
+        return False
+    if host and host != socket.gethostname():
+        return True  # another node's process: it cannot be checked from here, so it is left alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def clear_stale_temporaries(path: Path) -> None:
-    """Remove what a killed writer of `path` left beside it: hidden `.NAME.*.tmp` files (a Parquet file) or
-    directories (a checkpoint). Every commit writes under such a name and renames it into place."""
-    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+    """Remove what a killed writer of `path` left beside it: hidden `.NAME.HOST-PID.tmp` files (a Parquet
+    file) or directories (a checkpoint) whose owner is gone. A live writer's temporary is never touched."""
+    name = Path(path).name
+    for stale in Path(path).parent.glob(f".{name}.*.tmp"):
+        if _owner_alive(stale, name):
+            continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give `path` (a file, or a directory and the files in it) the modes `open()` and `mkdir()` would give
+    under the process umask: writers that create files 0600 (tempfile, safetensors) would otherwise make a
+    run in a shared project directory unreadable to the rest of the group."""
+    mask = _umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_table(path: Path, name: str, table: pa.Table) -> Path:
     """Validate `table` against schema `name` and commit it at `path` atomically.
 
     The file is written under a hidden temporary name in the same directory, flushed to disk, then renamed:
-    a reader (or a crash) sees either no file or the whole file, never half of one.
+    a reader (or a crash) sees either no file or the whole file, never half of one. An OS error (disk full,
+    read-only file system, no permission) removes the temporary and becomes one line naming the path.
     """
     path = Path(path)
     table = check_schema(table, name, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temporary_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clear_stale_temporaries(path)
+        with open(tmp, "wb") as f:
             pq.write_table(table, f, row_group_size=65536)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise os_error(exc, path) from None
         raise
     return path
+
+
+def os_error(exc: OSError, path: Path) -> RollError:
+    """One line for an OS error while writing `path`: what the system said and where."""
+    reason = exc.strerror or str(exc)
+    return RollError(f"{getattr(exc, 'filename', None) or path}: {reason} (nothing was committed)")
 
 
 def read_table(path: Path, name: str) -> pa.Table:
@@ -255,12 +308,17 @@ class Run:
 
     # what is committed -------------------------------------------------------------------------------
     def policy_versions(self) -> list[int]:
-        """Versions whose checkpoint is committed (policy.json is written last, so its presence commits)."""
+        """Versions that were committed (policy.json is written last, so its presence commits), including
+        those whose checkpoint `roll gc` has since deleted: their policy.json stays as the record."""
         base = self.root / "policies"
         if not base.is_dir():
             return []
         found = (_POLICY_RE.match(p.name) for p in base.iterdir())
         return sorted(int(m.group(1)) for m in found if m and (base / m.group(0) / "policy.json").is_file())
+
+    def checkpoint_versions(self) -> list[int]:
+        """Committed versions whose weights are still on disk (not collected by `roll gc`)."""
+        return [v for v in self.policy_versions() if (self.policy_dir(v) / "config.json").is_file()]
 
     def latest_policy_version(self) -> int:
         versions = self.policy_versions()
@@ -269,18 +327,21 @@ class Run:
         return versions[-1]
 
     def remove_policy(self, version: int) -> None:
-        """Delete a checkpoint: renamed out of sight first (a reader sees it whole or not at all), then removed.
-        A remover killed in between leaves a hidden `.vNNNN.gc-PID.tmp`, cleared by the next removal."""
+        """Delete a committed checkpoint's weights, tokenizer and optimiser state, keeping its policy.json as
+        the record that the version was committed (its steps and groups stay readable). config.json goes
+        first, so the version stops counting as a checkpoint before anything else disappears."""
         directory = self.policy_dir(version)
-        for stale in directory.parent.glob(".v*.gc-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        hidden = directory.parent / f".{directory.name}.gc-{os.getpid()}.tmp"
-        os.replace(directory, hidden)
-        shutil.rmtree(hidden)
+        names = sorted((p for p in directory.iterdir() if p.name != "policy.json"), key=lambda p: p.name != "config.json")
+        for path in names:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def require_policy(self, version: int) -> Path:
-        if version not in self.policy_versions():
-            have = ", ".join(map(str, self.policy_versions())) or "none"
+        """The checkpoint directory of `version`, refusing a version never committed or collected by gc."""
+        if version not in self.checkpoint_versions():
+            have = ", ".join(map(str, self.checkpoint_versions())) or "none"
+            if version in self.policy_versions():
+                raise RollError(f"{self.root}: the checkpoint of policy version {version} was deleted by `roll gc` "
+                                f"(checkpoints on disk: {have})")
             raise RollError(f"{self.root}: policy version {version} does not exist (have: {have})")
         return self.policy_dir(version)
 
@@ -300,11 +361,43 @@ class Run:
         return self.version_dir(table, version) / f"extra-{tag}.parquet"
 
     def files(self, table: str, version: int) -> dict[str, Path]:
-        """Every committed file of a sharded table's version, partition shards and extras, by file name."""
+        """Every committed file of a sharded table's version, partition shards and extras, by file name.
+
+        Hidden names (a writer's temporaries) are not files of the table; any other name that is neither a
+        shard nor an extra is reported once on stderr and left out, by the stages and by SQL alike. Shards of
+        two layouts (i-of-N with two N) in one version are refused: their prompts overlap."""
         directory = self.version_dir(table, version)
         if not directory.is_dir():
             return {}
-        return {p.name: p for p in sorted(directory.iterdir()) if _SHARD_RE.match(p.name) or _EXTRA_RE.match(p.name)}
+        found, layouts = {}, set()
+        for path in sorted(directory.iterdir()):
+            match = _SHARD_RE.match(path.name)
+            if match:
+                layouts.add(int(match.group(2)))
+            if match or _EXTRA_RE.match(path.name):
+                found[path.name] = path
+            elif not path.name.startswith("."):
+                _report_stray(path, table)
+        if len(layouts) > 1:
+            raise RollError(f"{directory}: shards of {len(layouts)} layouts "
+                            f"({', '.join(f'i-of-{n}' for n in sorted(layouts))}) in one version; their prompts "
+                            f"overlap: remove one layout's files, or regenerate the version with --force")
+        return found
+
+    def committed_files(self, table: str, versions=None) -> list[Path]:
+        """The committed files of `table` — the one list that the stages and the SQL views read. With
+        `versions`, only those versions' shards of a sharded table. steps and groups count only for versions
+        whose policy is committed (they are written just before it, so a killed or failed update leaves
+        tables that no reader sees until its rerun replaces them)."""
+        if table == "prompts":
+            return [self.prompts_path] if self.prompts_path.is_file() else []
+        if table in TRAIN_TABLES:
+            committed = set(self.policy_versions())
+            return [self.train_path(table, v) for v in self.versions(table)
+                    if v in committed and self.train_path(table, v).is_file()]
+        if table == "evals":
+            return [p for v in self.versions("evals") for p in sorted(self.version_dir("evals", v).glob("[!.]*.parquet"))]
+        return [p for v in (self.versions(table) if versions is None else versions) for p in self.files(table, v).values()]
 
     def complete_shard_count(self, table: str, version: int) -> int | None:
         """N if every part i-of-N of `table` for `version` is committed, else None."""
@@ -338,15 +431,6 @@ class Run:
         return read_table(self.prompts_path, "prompts")
 
     # SQL ---------------------------------------------------------------------------------------------
-    def table_glob(self, table: str) -> str:
-        if table == "prompts":
-            return str(self.prompts_path)
-        if table in TRAIN_TABLES:
-            return str(self.root / "train" / "version=*" / f"{table}.parquet")
-        if table == "evals":
-            return str(self.root / "evals" / "version=*" / "*.parquet")
-        return str(self.root / table / "version=*" / "*.parquet")  # temporaries end in .tmp, never match
-
     def connect(self, versions: range | None = None, tables: set[str] | None = None, union_by_name: bool = False):
         """An in-memory DuckDB connection with a view per table (and `samples`, their join).
 
@@ -358,17 +442,32 @@ class Run:
         of history was slower than the query itself. Files are matched by column name; `union_by_name`
         also admits files that lack a column (a hand-written shard), at the price of reading every footer
         at bind time, so callers retry with it only when the fast path fails (see `query`).
+
+        The connection is sandboxed before any view exists, with DuckDB's own settings (checked on DuckDB
+        2.0.1), because it also runs user SQL (`roll sql`): file access outside the run root is refused
+        (`enable_external_access = false` with `allowed_directories` = the run root, so read_text, glob,
+        read_csv, COPY, ATTACH, PRAGMA import_database and INSTALL/LOAD all fail on any other path), no
+        extension is installed or loaded on demand, and `lock_configuration` stops a query from SETting any
+        of that back. DuckDB also allows its spill directory, by default `.tmp` under the working directory;
+        a fresh private path under the system temp directory (made only if a query spills, removed on close)
+        keeps the user's files out of reach. Writes inside the run are stopped by `query`, which admits
+        one SELECT only.
         """
         import duckdb
 
         con = duckdb.connect(":memory:")
+        spill = Path(tempfile.gettempdir()) / f"roll-duckdb-{os.getpid()}-{os.urandom(8).hex()}"
+        for setting in (f"SET temp_directory = {_sql_str(str(spill))}",
+                        f"SET allowed_directories = [{_sql_str(str(self.root) + os.sep)}]",
+                        "SET enable_external_access = false",
+                        "SET autoinstall_known_extensions = false",
+                        "SET autoload_known_extensions = false",
+                        "SET lock_configuration = true"):
+            con.execute(setting)
         tables = set(SCHEMAS) | {"samples"} if tables is None else set(tables)
         wanted = tables | (SAMPLES_TABLES if "samples" in tables else set())
         for table in (t for t in SCHEMAS if t in wanted):
-            if versions is not None and table in SHARDED_TABLES:
-                files = [str(p) for v in versions for p in self.files(table, v).values()]
-            else:
-                files = sorted(glob.glob(self.table_glob(table)))
+            files = [str(p) for p in self.committed_files(table, versions if table in SHARDED_TABLES else None)]
             if files:
                 listed = "[" + ", ".join(_sql_str(f) for f in files) + "]"
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listed}, "
@@ -387,6 +486,15 @@ class Run:
 
 SAMPLES_TABLES = {"rollouts", "verdicts", "scores"}
 
+_REPORTED: set[Path] = set()  # stray files already reported by this process
+
+
+def _report_stray(path: Path, table: str) -> None:
+    if path not in _REPORTED:
+        _REPORTED.add(path)
+        print(f"roll: warning: {path}: not a shard of table {table}; left out (by SQL and by the stages alike)",
+              file=sys.stderr)
+
 
 def referenced_tables(sql: str) -> set[str]:
     """The run's tables (and `samples`) that `sql` names; a name inside a string literal only adds a view."""
@@ -398,32 +506,37 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA")
+# What DuckDB's own parser types as SELECT (checked on DuckDB 2.0.1): SELECT, FROM-first (`FROM rollouts`),
+# WITH … SELECT, VALUES, UNION/EXCEPT, DESCRIBE, SUMMARIZE and SHOW [ALL] TABLES, all plain reads. Everything
+# else is refused, notably EXPLAIN (EXPLAIN ANALYZE runs its statement, COPY … TO included), PRAGMA
+# (import_database runs a schema.sql), CALL, SET/RESET/USE, COPY, ATTACH/DETACH, INSTALL/LOAD (typed LOAD),
+# EXPORT, CREATE and PIVOT (typed MULTI: it creates an enum type before its SELECT).
+READ_ONLY_STATEMENTS = ("SELECT",)
 
 
 def query(run: Run, sql: str):
-    """Run user SQL over the run's views, refusing anything but reads. Returns a DuckDB relation result."""
+    """Run one read-only user query over the run's sandboxed views (see `Run.connect`). Returns a DuckDB
+    result. Exactly one statement, typed SELECT by DuckDB's own parser; anything else is a RollError."""
     import duckdb
 
-    con = duckdb.connect(":memory:")
     try:
-        statements = con.extract_statements(sql)
+        statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
         raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
     if not statements:
         raise RollError("SQL: no statement given")
-    for statement in statements:
-        kind = statement.type.name
-        if kind not in READ_ONLY_STATEMENTS:
-            raise RollError(f"SQL: roll sql is read-only; {kind} statements are not allowed")
+    if len(statements) > 1:
+        raise RollError(f"SQL: roll sql runs one read-only query; {len(statements)} statements given")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_STATEMENTS:
+        raise RollError(f"SQL: roll sql runs one read-only query; {kind} statements are not allowed")
+    statement = statements[0].query
 
-    def run_all(con):
-        for statement in statements[:-1]:
-            con.execute(statement.query)
-        return con.execute(statements[-1].query)
+    def run_one(con):
+        return con.execute(statement)
 
     try:
-        return on_views(run, sql, None, run_all)
+        return on_views(run, sql, None, run_one)
     except duckdb.Error as exc:
         raise RollError(f"SQL: {str(exc).splitlines()[0]}") from None
 

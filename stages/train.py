@@ -148,10 +148,10 @@ def run(config: TrainConfig) -> dict:
     check_config(config)
     run_dir = Run(config.run)
     version = run_dir.latest_policy_version() if config.version is None else config.version
-    run_dir.require_policy(version)
     new_version = version + 1
     if new_version in run_dir.policy_versions() and not config.force:
         return {"run": str(run_dir.root), "version": new_version, "skipped": True}
+    run_dir.require_policy(version)
     dist = Distributed.from_env(config.fsdp)
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
@@ -457,15 +457,23 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
 
 def commit(run_dir: Run, new_version: int, step_records: list[dict], group_records: list[dict], model, tokenizer,
            meta: dict, optimizer_state: dict | None) -> None:
-    """train/version=v+1/{steps,groups}, then the checkpoint with its optimiser state (policy.json last)."""
+    """train/version=v+1/{steps,groups}, then the checkpoint with its optimiser state (policy.json last, the
+    commit point: readers see the tables only once the policy is committed)."""
     import pyarrow as pa
 
     from roll.policy import save_policy
     from roll.store import SCHEMAS, write_table
 
-    write_table(run_dir.train_path("steps", new_version), "steps", pa.Table.from_pylist(step_records, schema=SCHEMAS["steps"]))
-    write_table(run_dir.train_path("groups", new_version), "groups", pa.Table.from_pylist(group_records, schema=SCHEMAS["groups"]))
-    save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state)
+    tables = {"steps": step_records, "groups": group_records}
+    try:
+        for name, records in tables.items():
+            write_table(run_dir.train_path(name, new_version), name, pa.Table.from_pylist(records, schema=SCHEMAS[name]))
+        save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state)
+    except BaseException:
+        # readers ignore tables of an uncommitted version (Run.committed_files); remove them all the same
+        for name in tables:
+            run_dir.train_path(name, new_version).unlink(missing_ok=True)
+        raise
 
 
 def padded(lists: list[list[float]], mask):

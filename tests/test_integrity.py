@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.train import prepare
@@ -90,3 +94,59 @@ def test_a_lag_window_before_version_0_is_clamped_loudly_and_recorded(run_dir):
     assert "roll: the lag window [-7, -5] of update 0 -> 1 reaches before version 0; reading [0, 0] (lag 0)" in proc.stderr
     meta = json.loads((Run(run_dir).policy_dir(1) / "policy.json").read_text())
     assert meta["data_versions"] == [0] and meta["hyperparameters"]["lag"] == 5
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs of our own, to fill and to remount read-only (needs root, as CI has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs under CI: {proc.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk, leave: int) -> None:
+    """Fill the file system of `disk` until about `leave` bytes are free."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+def test_disk_full_and_read_only_give_one_line_and_leave_nothing_half_written(run_dir, small_disk):
+    run = small_disk / "run"
+    shutil.copytree(run_dir, run)
+    generate(GenerateConfig(run=run, prompts=4, group_size=4, max_new_tokens=12))
+    prepare(Run(run), [0])
+    before = committed(run)
+    fill(small_disk, 64 * 1024)  # the steps and groups tables fit, the checkpoint does not
+    line = one_line_error(roll_cli("train", "--run", run, check=False))
+    assert "No space left on device" in line and str(run) in line
+    assert committed(run) == before and Run(run).policy_versions() == [0]
+    assert not [p for p in Run(run).root.rglob("*") if p.name.endswith(".tmp")]  # no temporary left behind
+    line = one_line_error(roll_cli("generate", "--run", run, "--version", 0, "--shard", "0/1", "--force", check=False))
+    assert "No space left on device" in line
+    assert committed(run) == before
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    line = one_line_error(roll_cli("train", "--run", run, check=False))
+    assert "Read-only file system" in line
+    assert committed(run) == before
+
+
+def test_shards_and_checkpoints_get_the_process_umask(run_dir):
+    generate(GenerateConfig(run=run_dir, prompts=2, group_size=2, max_new_tokens=8))
+    roll_cli("train", "--run", run_dir)
+    run = Run(run_dir)
+    files = [*run.files("rollouts", 0).values(), run.train_path("steps", 1), *run.policy_dir(1).iterdir()]
+    assert {oct(path.stat().st_mode & 0o777) for path in files} == {oct(0o644)}  # the test runner's umask 022
+    old = os.umask(0o002)  # a group-writable project directory
+    try:
+        roll_cli("generate", "--run", run_dir, "--version", 1)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in run.files("rollouts", 1).values()} == {oct(0o664)}
