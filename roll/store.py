@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,6 +335,44 @@ class Run:
         names = sorted((p for p in directory.iterdir() if p.name != "policy.json"), key=lambda p: p.name != "config.json")
         for path in names:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    @contextmanager
+    def lock(self, name: str, what: str):
+        """One writer at a time for `name` (an update v → v+1, or the commits of one table version): an
+        exclusive flock on `.locks/NAME.lock` in the run, held until the block ends and released by the
+        kernel if the holder dies. A second process waits, saying once on stderr who holds it."""
+        import fcntl
+
+        path = self.root / ".locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                print(f"roll: {what} is being written by {holder}; waiting for it", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def commit_shard(self, table: str, version: int, name: str, data: pa.Table) -> Path:
+        """Commit one file of a sharded table's version under that version's lock, refusing a partition
+        shard whose layout (the N of i-of-N) differs from the shards already there (DESIGN §6)."""
+        path = self.version_dir(table, version) / name
+        with self.lock(f"{table}-{version:04d}", f"{table} of version {version}"):
+            match = _SHARD_RE.match(name)
+            if match:
+                count = int(match.group(2))
+                others = sorted(s.count for s in self.shards(table, version) if s.count != count)
+                if others:
+                    raise RollError(f"{self.version_dir(table, version)}: version {version} already has {table} in "
+                                    f"{others[0]} shards (part-…-of-{others[0]:05d}); use --shard i/{others[0]}, "
+                                    f"or --force to replace them")
+            return write_table(path, table, data)
 
     def require_policy(self, version: int) -> Path:
         """The checkpoint directory of `version`, refusing a version never committed or collected by gc."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.store import Run, Shard, write_table
+from roll.store import Run, Shard
 
 BACKENDS = ("hf", "vllm")
 
@@ -168,10 +168,10 @@ def run(config: GenerateConfig) -> dict:
     summary = {"run": str(run_dir.root), "version": version, "shard": str(config.shard), "path": str(path)}
     if path.exists() and not config.force:
         return {**summary, "skipped": True, "rows": 0}
-    other = run_dir.complete_shard_count("rollouts", version)
-    if other not in (None, config.shard.count) and not config.force:
+    others = sorted({s.count for s in run_dir.shards("rollouts", version)} - {config.shard.count})
+    if others and not config.force:  # checked again under the version's lock when committing
         raise RollError(f"{run_dir.version_dir('rollouts', version)}: version {version} already has rollouts in "
-                        f"{other} shards; use --shard i/{other}, or --force to replace them")
+                        f"{others[0]} shards (part-…-of-{others[0]:05d}); use --shard i/{others[0]}, or --force to replace them")
     if config.force:
         for stale, stale_path in run_dir.shards("rollouts", version).items():
             if stale.count != config.shard.count:
@@ -201,7 +201,7 @@ def run(config: GenerateConfig) -> dict:
                                 batch_size=config.batch_size, backend=config.backend,
                                 description=f"generate v{version} shard {config.shard}")
     seconds = time.perf_counter() - started
-    write_table(path, "rollouts", table)
+    run_dir.commit_shard("rollouts", version, path.name, table)
     tokens = sum(table.column("num_tokens").to_pylist())
     rows = table.num_rows
     return {**summary, "skipped": False, "rows": rows, "tokens": tokens, "seconds": round(seconds, 3),

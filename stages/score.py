@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.store import Run, Shard, write_table
+from roll.store import Run, Shard
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,7 @@ def run(config: ScoreConfig) -> dict:
                 }
                 for column, value in values.items():
                     columns[column].append(value)
-            write_table(run_dir.version_dir("scores", version) / name, "scores",
-                        pa.table(columns, schema=SCHEMAS["scores"]))
+            run_dir.commit_shard("scores", version, name, pa.table(columns, schema=SCHEMAS["scores"]))
             summary["rows"] += len(rows)
             summary["mismatch_max_abs"] = max(summary["mismatch_max_abs"], max(columns["mismatch_max_abs"], default=0.0))
             advance()

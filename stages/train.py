@@ -21,6 +21,7 @@ import random
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,10 +141,7 @@ def steps_since(run: Run, data_version: int, version: int) -> int:
 
 def run(config: TrainConfig) -> dict:
     """Train v → v+1; returns a summary (version, rows, steps, loss, regimes, optimiser, seconds)."""
-    import numpy as np
-
     from roll.distributed import Distributed
-    from roll.policy import load_policy
 
     check_config(config)
     run_dir = Run(config.run)
@@ -153,6 +151,22 @@ def run(config: TrainConfig) -> dict:
         return {"run": str(run_dir.root), "version": new_version, "skipped": True}
     run_dir.require_policy(version)
     dist = Distributed.from_env(config.fsdp)
+    # one update v → v+1 at a time (DESIGN §6): a second trainer waits for the first, then finds v+1 made
+    with run_dir.lock(f"train-{new_version:04d}", f"update {version} -> {new_version}") if dist.is_main else nullcontext():
+        dist.barrier()
+        if new_version in run_dir.policy_versions() and not config.force:
+            dist.finish()
+            return {"run": str(run_dir.root), "version": new_version, "skipped": True}
+        return update(run_dir, version, config, dist)
+
+
+def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
+    """The update v → v+1 itself: select, per-group targets, optimise, commit (under the update's lock)."""
+    import numpy as np
+
+    from roll.policy import load_policy
+
+    new_version = version + 1
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
     advantages, group_records = group_targets(run_dir, rows, version, config, dist)
@@ -247,8 +261,8 @@ def check_groups(rows: Window, config: TrainConfig, dist) -> Window:
     for members in flat:
         keep[members] = False
     if not keep.any():
-        raise RollError(f"every group of the lag window has one sample or no reward spread; nothing left to train "
-                        f"on with --drop-zero-variance")
+        raise RollError("every group of the lag window has one sample or no reward spread; nothing left to train "
+                        "on with --drop-zero-variance")
     return rows.take(np.flatnonzero(keep))
 
 
@@ -516,7 +530,6 @@ def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str)
     """Sample version-0 completions for `prompt_ids` with the sampler settings of `rows`; verify and score them."""
     from roll.policy import load_policy, pick_device
     from roll.stages.generate import prompt_tokens, sample_rollouts
-    from roll.store import write_table
 
     print(f"roll: apo needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
     group = max(Counter(zip(rows.scalars["policy_version"], rows.scalars["prompt_id"])).values())
@@ -526,5 +539,5 @@ def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str)
                             temperature=rows[0]["temperature"], top_p=rows[0]["top_p"],
                             seed=int(hashlib.sha256(tag.encode()).hexdigest()[:12], 16), batch_size=256, backend="hf",
                             description="generate v0 for apo")
-    write_table(run.extra_path("rollouts", 0, tag), "rollouts", table)
+    run.commit_shard("rollouts", 0, run.extra_path("rollouts", 0, tag).name, table)
     prepare(run, [0])

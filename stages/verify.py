@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.store import Run, Shard, write_table
+from roll.store import Run, Shard
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def run(config: VerifyConfig) -> dict:
                     "verifier": [f"{verifiers[n].name} {verifiers[n].version}" for n in kinds],
                     "milliseconds": [v.milliseconds for v in verdicts], "error": [v.error for v in verdicts],
                 }, schema=SCHEMAS["verdicts"])
-                write_table(run_dir.version_dir("verdicts", version) / name, "verdicts", table)
+                run_dir.commit_shard("verdicts", version, name, table)
                 summary["rows"] += len(verdicts)
                 summary["correct"] += sum(v.correct for v in verdicts)
                 summary["errors"] += sum(bool(v.error) for v in verdicts)
