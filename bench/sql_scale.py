@@ -63,19 +63,22 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
                 "num_tokens": pa.array(lengths, pa.int64()), "finish_reason": pa.array(["stop"] * n),
                 "max_new_tokens": pa.array(np.full(n, 48), pa.int64()), "temperature": pa.array(np.ones(n)),
                 "top_p": pa.array(np.ones(n)), "seed": pa.array(np.full(n, 7), pa.int64()), "backend": pa.array(["hf"] * n),
+                "generation_id": pa.array([f"g{version}"] * n),
             }
             write_table(run.shard_path("rollouts", version, shard), "rollouts", pa.table(rollouts, schema=SCHEMAS["rollouts"]))
             correct = rng.random(n) < 0.3
             verdicts = {**key, "reward": pa.array(correct.astype(float)), "correct": pa.array(correct),
                         "extracted_answer": pa.array(["3"] * n), "format_ok": pa.array(np.ones(n, bool)),
-                        "verifier": pa.array(["arith 1"] * n), "milliseconds": pa.array(np.zeros(n)), "error": pa.array([""] * n)}
+                        "verifier": pa.array(["arith 1"] * n), "milliseconds": pa.array(np.zeros(n)), "error": pa.array([""] * n),
+                        "generation_id": pa.array([f"g{version}"] * n)}
             write_table(run.shard_path("verdicts", version, shard), "verdicts", pa.table(verdicts, schema=SCHEMAS["verdicts"]))
             zeros = pa.array(np.zeros(n))
             scores = {**key, "behaviour_logprob_sum": zeros, "ref_logprob_sum": zeros, "mismatch_max_abs": zeros,
                       "mismatch_kl": zeros,
                       "trainer_logprobs": list_column(rng, lengths, np.float32, lambda r, k: -r.exponential(0.3, k)),
                       "ref_logprobs": list_column(rng, lengths, np.float32, lambda r, k: -r.exponential(0.3, k)),
-                      "group_size": pa.array(np.full(n, 8), pa.int64()), "group_reward_mean": zeros, "group_reward_std": zeros}
+                      "group_size": pa.array(np.full(n, 8), pa.int64()), "group_reward_mean": zeros, "group_reward_std": zeros,
+                      "generation_id": pa.array([f"g{version}"] * n)}
             write_table(run.shard_path("scores", version, shard), "scores", pa.table(scores, schema=SCHEMAS["scores"]))
 
 

@@ -58,6 +58,11 @@ def interval(values: list[float]) -> str:
     return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
+def arrow(relation):
+    """A DuckDB relation's rows as a pyarrow table (the method's name changed in DuckDB 2)."""
+    return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+
+
 def collect(grid: Path):
     import pyarrow as pa
 
@@ -68,12 +73,11 @@ def collect(grid: Path):
             continue
         cell = {"cell": path.name, "objective": match["objective"], "staleness": match["staleness"],
                 "seed": int(match["seed"])}
-        con = Run(path).connect()
-        rows = con.execute(EVALS).fetch_arrow_table().to_pylist()
+        con = Run(path).connect(tables={"evals", "steps", "groups", "rollouts"})
+        rows = arrow(con.sql(EVALS)).to_pylist()
         evals += [{**cell, **row} for row in rows]
-        step_table = con.execute("SELECT * FROM steps ORDER BY global_step").fetch_arrow_table()
-        steps += [{**cell, **row} for row in step_table.to_pylist()]
-        group_table = con.execute("SELECT * FROM groups ORDER BY policy_version, data_version, prompt_id").fetch_arrow_table()
+        steps += [{**cell, **row} for row in arrow(con.sql("SELECT * FROM steps ORDER BY global_step")).to_pylist()]
+        group_table = arrow(con.sql("SELECT * FROM groups ORDER BY policy_version, data_version, prompt_id"))
         for name in ("cell", "objective", "staleness"):
             group_table = group_table.append_column(name, pa.array([cell[name]] * group_table.num_rows))
         groups.append(group_table.append_column("seed", pa.array([cell["seed"]] * group_table.num_rows, pa.int64())))
@@ -218,13 +222,13 @@ def plot(runs, evals, steps, groups, out: Path) -> None:
         bottom += np.array(values)
     shares.set(ylabel="groups (%)", title="Lambert regime of the groups, per cell (all seeds)")
     shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    shares.tick_params(axis="x", labelsize=7)
+    shares.tick_params(axis="x", labelsize=7, labelrotation=45)
     keys = sorted(cells)
     means = [np.mean([g["log_ratio_mean"] for g in table if g["objective"] == o and g["staleness"] == s]) for o, s in keys]
     deltas.bar([f"{o}\n{s}" for o, s in keys], means, color=[colours.get(o, "k") for o, _ in keys])
     deltas.axhline(0, color="black", linewidth=0.8)
     deltas.set(ylabel="mean signed Δ of groups when used (nats)", title="mass leaving the sampled completions (Δ < 0)")
-    deltas.tick_params(axis="x", labelsize=7)
+    deltas.tick_params(axis="x", labelsize=7, labelrotation=45)
     fig.tight_layout()
     fig.savefig(out / "regimes.png", dpi=110, bbox_inches="tight")
     plt.close(fig)

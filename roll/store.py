@@ -9,7 +9,7 @@ the schema is checked on both sides and a half-written file is never visible:
     rollouts/version=0000/part-00000-of-00004.parquet
     verdicts/version=0000/…   scores/version=0000/…
     train/version=0001/steps.parquet   train/version=0001/groups.parquet
-    evals/version=0001/<dataset>.parquet
+    evals/version=0001/<dataset>-<settings hash>.parquet
 """
 from __future__ import annotations
 
@@ -57,12 +57,14 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("top_p", pa.float64()),
         ("seed", pa.int64()),  # the shard's sampling seed
         ("backend", pa.string()),
+        ("generation_id", pa.string()),  # content hash of the committed shard, stamped by Run.commit_shard
     ),
     "verdicts": _schema(
         *_KEY,
         ("reward", pa.float64()), ("correct", pa.bool_()), ("extracted_answer", pa.string()),
         ("format_ok", pa.bool_()), ("verifier", pa.string()), ("milliseconds", pa.float64()),
         ("error", pa.string()),
+        ("generation_id", pa.string()),  # of the rollouts verified: redone, never joined, when they change
     ),
     "scores": _schema(
         *_KEY,
@@ -70,6 +72,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("mismatch_max_abs", pa.float64()), ("mismatch_kl", pa.float64()),
         ("trainer_logprobs", pa.list_(pa.float32())), ("ref_logprobs", pa.list_(pa.float32())),
         ("group_size", pa.int64()), ("group_reward_mean", pa.float64()), ("group_reward_std", pa.float64()),
+        ("generation_id", pa.string()),  # of the rollouts scored
         # null when scored with --no-ref: π_ref's forward pass is skipped unless the objective reads it
         nullable=("ref_logprob_sum", "ref_logprobs"),
     ),
@@ -98,6 +101,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("policy_version", pa.int64()), ("dataset", pa.string()), ("prompt_id", pa.string()),
         ("sample_index", pa.int64()), ("correct", pa.bool_()), ("extracted_answer", pa.string()),
         ("num_tokens", pa.int64()),
+        ("settings", pa.string()),  # JSON: k, limit, temperature, top_p, max_new_tokens, seed
     ),
 }
 
@@ -232,6 +236,23 @@ def write_table(path: Path, name: str, table: pa.Table) -> Path:
     return path
 
 
+def stamp_generation(rollouts: pa.Table) -> pa.Table:
+    """Set every row's `generation_id` to a hash of the shard's content (keys, token ids, log-probs): verdicts
+    and scores copy it and are joined on it, so rollouts regenerated with other completions never meet the
+    verdicts of the old ones, while an identical regeneration keeps them valid (DESIGN §6)."""
+    import hashlib
+
+    content = rollouts.select(["policy_version", "prompt_id", "sample_index", "token_ids", "behaviour_logprobs"])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, content.schema) as writer:
+        writer.write_table(content.combine_chunks())
+    digest = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
+    column = pa.array([digest] * rollouts.num_rows, pa.string())
+    if "generation_id" in rollouts.column_names:
+        return rollouts.set_column(rollouts.column_names.index("generation_id"), "generation_id", column)
+    return rollouts.append_column("generation_id", column)
+
+
 def os_error(exc: OSError, path: Path) -> RollError:
     """One line for an OS error while writing `path`: what the system said and where."""
     reason = exc.strerror or str(exc)
@@ -304,8 +325,14 @@ class Run:
     def train_path(self, table: str, version: int) -> Path:
         return self.version_dir(table, version) / f"{table}.parquet"
 
-    def eval_path(self, version: int, dataset: str) -> Path:
-        return self.version_dir("evals", version) / f"{dataset}.parquet"
+    def eval_path(self, version: int, dataset: str, settings: dict) -> Path:
+        """One file per (version, dataset, sampling settings): an evaluation with another k, limit,
+        temperature, top-p, length or seed is another file, never a relabelled cache hit."""
+        import hashlib
+        import json
+
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        return self.version_dir("evals", version) / f"{dataset}-{key}.parquet"
 
     # what is committed -------------------------------------------------------------------------------
     def policy_versions(self) -> list[int]:
@@ -372,7 +399,18 @@ class Run:
                     raise RollError(f"{self.version_dir(table, version)}: version {version} already has {table} in "
                                     f"{others[0]} shards (part-…-of-{others[0]:05d}); use --shard i/{others[0]}, "
                                     f"or --force to replace them")
+            if table == "rollouts":
+                data = stamp_generation(data)
             return write_table(path, table, data)
+
+    def generation_of(self, table: str, version: int, name: str) -> str | None:
+        """The generation id a committed file of a sharded table carries (None if it has none)."""
+        path = self.version_dir(table, version) / name
+        try:
+            column = pq.read_table(path, columns=["generation_id"]).column("generation_id")
+        except (KeyError, pa.ArrowInvalid, OSError):
+            return None
+        return column[0].as_py() if len(column) else None
 
     def require_policy(self, version: int) -> Path:
         """The checkpoint directory of `version`, refusing a version never committed or collected by gc."""
@@ -425,15 +463,15 @@ class Run:
 
     def committed_files(self, table: str, versions=None) -> list[Path]:
         """The committed files of `table` — the one list that the stages and the SQL views read. With
-        `versions`, only those versions' shards of a sharded table. steps and groups count only for versions
-        whose policy is committed (they are written just before it, so a killed or failed update leaves
-        tables that no reader sees until its rerun replaces them)."""
+        `versions`, only those versions' shards of a sharded table. steps and groups of version v count once
+        a policy of version ≥ v is committed: they are written just before v's policy, so a killed or failed
+        update leaves tables that no reader sees until its rerun replaces them."""
         if table == "prompts":
             return [self.prompts_path] if self.prompts_path.is_file() else []
         if table in TRAIN_TABLES:
-            committed = set(self.policy_versions())
+            latest = max(self.policy_versions(), default=-1)
             return [self.train_path(table, v) for v in self.versions(table)
-                    if v in committed and self.train_path(table, v).is_file()]
+                    if v <= latest and self.train_path(table, v).is_file()]
         if table == "evals":
             return [p for v in self.versions("evals") for p in sorted(self.version_dir("evals", v).glob("[!.]*.parquet"))]
         return [p for v in (self.versions(table) if versions is None else versions) for p in self.files(table, v).values()]
@@ -515,10 +553,10 @@ class Run:
                 con.register(f"_empty_{table}", empty_table(table))
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
         if "samples" in wanted:
-            con.execute(
+            con.execute(  # joined on the generation too: verdicts of replaced rollouts never match
                 "CREATE VIEW samples AS SELECT * FROM rollouts "
-                "LEFT JOIN verdicts USING (policy_version, prompt_id, sample_index) "
-                "LEFT JOIN scores USING (policy_version, prompt_id, sample_index)"
+                "LEFT JOIN verdicts USING (policy_version, prompt_id, sample_index, generation_id) "
+                "LEFT JOIN scores USING (policy_version, prompt_id, sample_index, generation_id)"
             )
         return con
 
@@ -598,8 +636,8 @@ NAMED_QUERIES = {
         SELECT policy_version, prompt_id, sample_index, prompt_token_ids, token_ids, temperature, top_p,
                max_new_tokens, v.reward, s.trainer_logprobs, s.ref_logprobs
         FROM rollouts r
-        LEFT JOIN verdicts v USING (policy_version, prompt_id, sample_index)
-        LEFT JOIN scores s USING (policy_version, prompt_id, sample_index)
+        LEFT JOIN verdicts v USING (policy_version, prompt_id, sample_index, generation_id)
+        LEFT JOIN scores s USING (policy_version, prompt_id, sample_index, generation_id)
         WHERE policy_version BETWEEN $lo AND $hi
         ORDER BY policy_version, prompt_id, sample_index""",
     "versions_without_ref": """
@@ -610,7 +648,7 @@ NAMED_QUERIES = {
         SELECT sample_index, reward FROM verdicts WHERE policy_version = $version AND prompt_id = $prompt_id
         ORDER BY sample_index""",
     "version0_rewards": """
-        SELECT prompt_id, reward FROM rollouts JOIN verdicts USING (policy_version, prompt_id, sample_index)
+        SELECT prompt_id, reward FROM rollouts JOIN verdicts USING (policy_version, prompt_id, sample_index, generation_id)
         WHERE policy_version = 0 AND prompt_id IN (SELECT unnest($prompt_ids))
         ORDER BY prompt_id, sample_index""",
 }

@@ -2,10 +2,12 @@
 
 The default held-out set is the run's own test split (named after its task, e.g. `arith`); `--dataset`
 names a bundled dataset (gsm8k, math500, aime24, aime25, amc23), whose test split is built with the run's
-tokenizer. Per-sample rows go to evals/version=V/<dataset>.parquet (the `evals` view of `roll sql`).
+tokenizer. Per-sample rows go to evals/version=V/<dataset>-<settings hash>.parquet (the `evals` view of
+`roll sql`): each set of sampling settings has its own file and its rows carry them in `settings`.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +67,9 @@ def run(config: EvaluateConfig) -> dict:
     model, tokenizer = load_policy(run_dir.require_policy(version), pick_device(config.device))
     name, rows = held_out_prompts(run_dir, config.dataset, tokenizer)
     rows = rows[: config.limit] if config.limit else rows
-    path = run_dir.eval_path(version, name)
+    settings = {"k": config.k, "limit": config.limit, "temperature": config.temperature, "top_p": config.top_p,
+                "max_new_tokens": config.max_new_tokens, "seed": config.seed}
+    path = run_dir.eval_path(version, name, settings)
     if path.exists() and not config.force:
         # summarise the committed file instead of sampling again
         return {**summarise(read_table(path, "evals").to_pylist(), config.k), "version": version,
@@ -92,7 +96,8 @@ def run(config: EvaluateConfig) -> dict:
         verdicts = verifier.verify_many(completions, answers)
     records = [{"policy_version": version, "dataset": name, "prompt_id": rows[i // config.k]["prompt_id"],
                 "sample_index": i % config.k, "correct": v.correct, "extracted_answer": v.extracted_answer,
-                "num_tokens": len(s.token_ids)} for i, (v, s) in enumerate(zip(verdicts, samples))]
+                "num_tokens": len(s.token_ids), "settings": json.dumps(settings, sort_keys=True)}
+               for i, (v, s) in enumerate(zip(verdicts, samples))]
     write_table(path, "evals", pa.Table.from_pylist(records, schema=SCHEMAS["evals"]))
     return {**summarise(records, config.k), "version": version, "dataset": name,
             "path": str(path), "skipped": False, "seconds": round(time.perf_counter() - started, 2)}

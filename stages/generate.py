@@ -101,7 +101,7 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
                     "behaviour_logprobs": sample.logprobs, "num_tokens": len(sample.token_ids),
                     "finish_reason": sample.finish_reason, "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p,
-                    "seed": seed, "backend": backend,
+                    "seed": seed, "backend": backend, "generation_id": "",  # stamped when committed
                 }
                 for name, value in values.items():
                     columns[name].append(value)
@@ -141,7 +141,7 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
                       "behaviour_logprobs": logprobs, "num_tokens": len(tokens),
                       "finish_reason": "stop" if completion.finish_reason == "stop" else "length",
                       "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                      "top_p": config.top_p, "seed": seed, "backend": "vllm"}
+                      "top_p": config.top_p, "seed": seed, "backend": "vllm", "generation_id": ""}
             for name, value in values.items():
                 columns[name].append(value)
     return pa.table(columns, schema=SCHEMAS["rollouts"])

@@ -87,6 +87,9 @@ def run(config: ScoreConfig) -> dict:
             verdict_path = run_dir.version_dir("verdicts", version) / name
             if not verdict_path.exists():
                 raise RollError(f"{verdict_path}: missing; run `roll verify` before `roll score`")
+            if run_dir.generation_of("verdicts", version, name) != run_dir.generation_of("rollouts", version, name):
+                raise RollError(f"{verdict_path}: made from rollouts that have since been regenerated; run `roll verify` "
+                                f"before `roll score`")
             rollouts = read_table(path, "rollouts")
             stats = group_stats(read_table(verdict_path, "verdicts"))
             if behaviour[0] != version:
@@ -113,6 +116,7 @@ def run(config: ScoreConfig) -> dict:
                     "mismatch_kl": sum(math.exp(d) - 1 - d for d in diffs) / max(len(diffs), 1),
                     "trainer_logprobs": t_lp, "ref_logprobs": r_lp,
                     "group_size": size, "group_reward_mean": mean, "group_reward_std": std,
+                    "generation_id": row["generation_id"],
                 }
                 for column, value in values.items():
                     columns[column].append(value)

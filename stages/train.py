@@ -196,7 +196,8 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
         model.load_state_dict(weights)
     meta = {"version": new_version, "parent": version, "objective": config.objective,
             "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
-            "data_versions": data_versions, "rows": len(rows), "optimizer_steps": len(step_records),
+            "data_versions": data_versions, "data_window": list(data_window(version, config.lag, config.window)),
+            "rows": len(rows), "optimizer_steps": len(step_records),
             "global_step": global_step + len(step_records),
             "optimizer": "fresh" if config.fresh_optimizer else (f"resumed from v{version:04d}" if resumed else "new")}
     commit(run_dir, new_version, step_records, group_records, model, tokenizer, meta, optimizer_state)

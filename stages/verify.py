@@ -28,7 +28,7 @@ class VerifyConfig:
 
 
 def pending_shards(run: Run, table: str, versions, shard: Shard, force: bool) -> list[tuple[int, str, Path]]:
-    """(version, file name, rollouts path) of rollout files whose mirror in `table` is missing.
+    """(version, file name, rollouts path) of rollout files whose mirror in `table` is missing or stale.
 
     A partition shard part-i-of-N belongs to `--shard j/M` when i ≡ j (mod M); extra files go to j = 0.
     """
@@ -38,7 +38,9 @@ def pending_shards(run: Run, table: str, versions, shard: Shard, force: bool) ->
             index = int(name[5:10]) if name.startswith("part-") else 0
             if index % shard.count != shard.index:
                 continue
-            if force or not (run.version_dir(table, version) / name).exists():
+            mirror = run.version_dir(table, version) / name
+            # redone when missing, forced, or made from rollouts that have since been regenerated differently
+            if force or not mirror.exists() or run.generation_of(table, version, name) != run.generation_of("rollouts", version, name):
                 todo.append((version, name, path))
     return todo
 
@@ -101,6 +103,7 @@ def run(config: VerifyConfig) -> dict:
                     "format_ok": [v.format_ok for v in verdicts],
                     "verifier": [f"{verifiers[n].name} {verifiers[n].version}" for n in kinds],
                     "milliseconds": [v.milliseconds for v in verdicts], "error": [v.error for v in verdicts],
+                    "generation_id": rollouts.column("generation_id"),
                 }, schema=SCHEMAS["verdicts"])
                 run_dir.commit_shard("verdicts", version, name, table)
                 summary["rows"] += len(verdicts)

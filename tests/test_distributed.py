@@ -45,11 +45,14 @@ def test_torchrun_two_ranks_match_one_process(run_dir, tmp_path, objective, shar
     before = load_file(Run(run_dir).policy_dir(0) / "model.safetensors")
     moved = max((a[k] - before[k]).abs().max().item() for k in a)
     assert moved > 1e-3  # two real optimiser steps happened (Adam moves each weight by up to ~lr a step)
-    # Adam divides by sqrt(v): summation order can move near-zero-gradient weights by ~1e-3 of a step; FSDP's
-    # reduce-scatter sums in yet another order (seen: 1.2e-5 on one weight, ~1 % of one lr-sized step)
+    # Ranks sum gradients in another order than one process. Where a weight's gradient is of the size of that
+    # rounding, Adam (m̂/√v̂) may step it another way: no bound below Adam's own step can hold there, and Adam
+    # moves a weight by at most ~lr a step (|m̂/√v̂| ≤ 1 on the first step, ≤ ~1.3 on the second). Everywhere
+    # else the two agree to float32 rounding of weights of size ≲ 1 (an ulp is ≤ 1.2e-7): so the median gap.
+    lr, steps = 1e-3, 2
     gaps = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert gaps.max().item() < (5e-5 if sharding else 1e-5)
-    assert gaps.median().item() < 1e-7, gaps.median()  # the weights agree almost everywhere to float precision
+    assert gaps.max().item() <= 1.3 * 2 * lr * steps
+    assert gaps.median().item() < 1.2e-7, gaps.median()
     # metrics reduced across ranks equal the single process's
     steps_a = Run(run_dir).connect().execute("select loss, tokens, entropy, ratio_max from steps order by step").fetchall()
     steps_b = Run(single).connect().execute("select loss, tokens, entropy, ratio_max from steps order by step").fetchall()
@@ -85,10 +88,10 @@ def test_optimizer_state_saved_by_two_ranks_resumes_in_one_process_and_back(run_
         assert json.loads((Run(path).policy_dir(2) / "policy.json").read_text())["optimizer"] == "resumed from v0001"
         w = load_file(Run(path).policy_dir(2) / "model.safetensors")
         gaps = torch.cat([(w[k] - reference[k]).abs().flatten() for k in w])
-        # a weight whose gradient sums to ~0 can take a different Adam direction when ranks sum in another
-        # order: bounded here by 5 % of one lr-sized step; a fresh AdamW in the second update (state lost)
-        # would move most weights by ~lr (a sign step) and fail the median
-        assert gaps.max().item() < 0.05 * 1e-3 and gaps.median().item() < 1e-7
+        # as in the test above: Adam's step bounds the gap where rounding decides a direction, float32 rounding
+        # everywhere else; a fresh AdamW in the second update (state lost) would move most weights by ~lr
+        # (a sign step) and fail the median
+        assert gaps.max().item() <= 1.3 * 2 * 1e-3 * 2 and gaps.median().item() < 1.2e-7
         state = torch.load(Run(path).policy_dir(2) / "optimizer.pt", weights_only=True)["optimizer"]["state"]
         assert state.keys() == state_reference.keys()
         assert {float(s["step"]) for s in state.values()} == {2.0}

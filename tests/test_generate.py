@@ -1,10 +1,13 @@
 """generate: row counts, reproducibility, shard partitions, and log-probs of the distribution sampled."""
 from __future__ import annotations
 
+import os
+import pty
+import select
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -98,20 +101,34 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     assert torch.allclose(t, probs ** 2 / (probs ** 2).sum(), atol=1e-6)  # T = 0.5 squares the probabilities
 
 
-def test_generate_killed_mid_run_then_rerun_completes(run_dir):
-    args = [sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--prompts", 32,
-            "--group-size", 8, "--max-new-tokens", 48, "--batch-size", 16]
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(4)  # model loaded and sampling under way (the run takes longer than this)
+def test_generate_killed_mid_run_then_rerun_completes(run_dir, tmp_path):
+    args = [sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--prompts", 64,
+            "--group-size", 8, "--max-new-tokens", 48, "--batch-size", 8]
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    # stderr on a terminal, so the progress bar is drawn live: it appears once sampling has started, and 64
+    # batches of 8 take far longer than noticing it
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    seen = b""
+    while b"generate v0" not in seen and proc.poll() is None:
+        if select.select([master], [], [], 1.0)[0]:
+            seen += os.read(master, 4096)
+    assert proc.poll() is None, seen.decode(errors="replace")[-2000:]
     proc.send_signal(signal.SIGKILL)
+    os.close(master)
     proc.wait()
     r = Run(run_dir)
-    # killed inside sampling: nothing visible (the job is sized to outlast the sleep; if a slow machine ever
-    # lets it commit first, the committed shard must at least be whole)
-    assert query(r, "select count(*) from rollouts").fetchall() in ([(0,)], [(256,)])
-    assert not r.shards("rollouts", 0) or proc.returncode == -signal.SIGKILL
+    directory = r.version_dir("rollouts", 0)
+    assert not directory.exists() or list(directory.iterdir()) == []  # no shard, no temporary
+    assert query(r, "select count(*) from rollouts").fetchall() == [(0,)]
     roll_cli(*args[3:])
-    assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(256, 32)]
+    roll_cli(*[a if a != str(run_dir) else str(reference) for a in args[3:]])  # uninterrupted
+    assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(512, 64)]
+    assert [p.name for p in directory.iterdir()] == ["part-00000-of-00001.parquet"]
+    same = "select prompt_id, sample_index, token_ids from rollouts order by 1, 2"
+    assert query(r, same).fetchall() == query(Run(reference), same).fetchall()
 
 
 def test_load_policy_fuses_tanh_gelu_without_changing_the_function(tiny_model_dir):

@@ -13,7 +13,7 @@ import pytest
 
 from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.train import prepare
-from roll.store import Run, Shard, write_table
+from roll.store import Run, Shard, query, write_table
 
 from conftest import roll_cli
 
@@ -93,7 +93,7 @@ def test_a_lag_window_before_version_0_is_clamped_loudly_and_recorded(run_dir):
     proc = roll_cli("train", "--run", run_dir, "--lag", 5, "--window", 3)
     assert "roll: the lag window [-7, -5] of update 0 -> 1 reaches before version 0; reading [0, 0] (lag 0)" in proc.stderr
     meta = json.loads((Run(run_dir).policy_dir(1) / "policy.json").read_text())
-    assert meta["data_versions"] == [0] and meta["hyperparameters"]["lag"] == 5
+    assert meta["data_versions"] == [0] and meta["data_window"] == [0, 0] and meta["hyperparameters"]["lag"] == 5
 
 
 @pytest.fixture
@@ -150,3 +150,36 @@ def test_shards_and_checkpoints_get_the_process_umask(run_dir):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in run.files("rollouts", 1).values()} == {oct(0o664)}
+
+
+def test_verdicts_and_scores_of_replaced_rollouts_are_redone_never_joined(run_dir):
+    small = ["--prompts", 4, "--group-size", 4, "--max-new-tokens", 12]
+    roll_cli("generate", "--run", run_dir, *small)
+    roll_cli("verify", "--run", run_dir)
+    roll_cli("score", "--run", run_dir)
+    r = Run(run_dir)
+    joined = "select count(*), count(reward), count(trainer_logprobs) from samples"
+    assert query(r, joined).fetchall() == [(16, 16, 16)]
+    # the same command again with --force draws the same completions: verdicts and scores stay valid
+    roll_cli("generate", "--run", run_dir, *small, "--force")
+    assert json.loads(roll_cli("verify", "--run", run_dir).stdout)["shards"] == 0
+    # other completions (another seed): the old verdicts and scores no longer join, and are redone
+    roll_cli("generate", "--run", run_dir, *small, "--force", "--seed", 1)
+    assert query(r, joined).fetchall() == [(16, 0, 0)]
+    line = one_line_error(roll_cli("score", "--run", run_dir, check=False))
+    assert "regenerated; run `roll verify`" in line
+    out = roll_cli("train", "--run", run_dir)  # prepares (verify, score) what is stale, then trains
+    assert "running verify" in out.stderr and "running score" in out.stderr
+    assert query(r, joined).fetchall() == [(16, 16, 16)]
+    assert query(r, "select count(distinct generation_id) from samples").fetchall() == [(1,)]
+
+
+def test_an_evaluation_with_other_settings_is_never_a_cache_hit(run_dir):
+    first = json.loads(roll_cli("evaluate", "--run", run_dir, "--k", 4, "--limit", 6, "--max-new-tokens", 8).stdout)
+    again = json.loads(roll_cli("evaluate", "--run", run_dir, "--k", 4, "--limit", 6, "--max-new-tokens", 8).stdout)
+    assert again["skipped"] and again["pass@1"] == first["pass@1"]
+    other = json.loads(roll_cli("evaluate", "--run", run_dir, "--k", 1, "--limit", 6, "--max-new-tokens", 8).stdout)
+    assert not other["skipped"] and other["k"] == 1
+    r = Run(run_dir)
+    rows = query(r, "select json_extract(settings, '$.k')::INT as k, count(*) from evals group by 1 order by 1").fetchall()
+    assert rows == [(1, 6), (4, 24)]
