@@ -60,7 +60,7 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
                 "prompt_token_ids": list_column(rng, np.full(n, 12), np.int32, lambda r, k: r.integers(0, 50, k)),
                 "token_ids": list_column(rng, lengths, np.int32, lambda r, k: r.integers(0, 50, k)),
                 "behaviour_logprobs": list_column(rng, lengths, np.float32, lambda r, k: -r.exponential(0.3, k)),
-                "num_tokens": pa.array(lengths, pa.int64()), "finish_reason": pa.array(["stop"] * n),
+                "num_tokens": pa.array(lengths, pa.int64()), "finish_reason": pa.array(["stop"] * n), "stop_token_id": pa.array(np.full(n, 2), pa.int64()),
                 "max_new_tokens": pa.array(np.full(n, 48), pa.int64()), "temperature": pa.array(np.ones(n)),
                 "top_p": pa.array(np.ones(n)), "seed": pa.array(np.full(n, 7), pa.int64()), "backend": pa.array(["hf"] * n),
                 "generation_id": pa.array([f"g{version}"] * n),

@@ -37,9 +37,26 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
 
 @dataclass
 class Sample:
-    token_ids: list[int]  # generated tokens, EOS included when emitted
+    token_ids: list[int]  # generated tokens, the stop token included when one was emitted
     logprobs: list[float]  # sampling log-prob of each generated token
     finish_reason: str  # "stop" or "length"
+    stop_token_id: int | None = None  # the stop token that ended it (vLLM's stop_reason), None at the length limit
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's eos and each id of the checkpoint's
+    `generation_config.eos_token_id`, which chat models ship as a list (Llama-3-Instruct's <|eot_id|>,
+    Qwen's <|im_end|> beside <|endoftext|>) — the ids transformers' `generate` and vLLM stop on."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def completion_text(tokenizer, sample: Sample) -> str:
+    """The completion as text: its tokens without the stop token, special tokens dropped."""
+    ids = sample.token_ids[:-1] if sample.stop_token_id is not None else sample.token_ids
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,15 +75,18 @@ def _cache_argument(model) -> tuple[str, dict]:
 
 @torch.no_grad()
 def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 top_p: float, eos_id: int, pad_id: int, generator: torch.Generator,
+                 top_p: float, eos_id: int | list[int], pad_id: int, generator: torch.Generator,
                  group_size: int = 1) -> list[Sample]:
     """Sample `group_size` completions for each prompt in `prompt_ids`, with a KV cache; rows prompt-major.
+
+    A row ends at the first token of `eos_id` (one id, or every stop id: see `stop_token_ids`).
 
     Prompts are left-padded so every row's next token sits in the last column. Each prompt is run through
     the model once and its cache copied to its G rows (`batch_repeat_interleave`): the prompt is a third of
     the tokens on the default task, so prefilling it G times was a quarter of all sampling work.
     """
     device = next(model.parameters()).device
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
     width = max(len(p) for p in prompt_ids)
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
@@ -102,7 +122,7 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
             next_ids = torch.multinomial(step_logprobs.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)
         tokens[active, t] = next_ids
         logprobs[active, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
-        done = (next_ids == eos_id) & ~finished[active]  # (a legacy cache keeps finished rows active)
+        done = torch.isin(next_ids, stops) & ~finished[active]  # (a legacy cache keeps finished rows active)
         lengths[active[done]] = t + 1
         finished[active[done]] = True
         if bool(done.all()) or t == max_new_tokens - 1:
@@ -125,7 +145,7 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
     tokens, logprobs, lengths, finished = tokens.cpu(), logprobs.cpu(), lengths.cpu(), finished.cpu()
     return [
         Sample(tokens[r, : lengths[r]].tolist(), logprobs[r, : lengths[r]].tolist(),
-               "stop" if finished[r] else "length")
+               "stop" if finished[r] else "length", int(tokens[r, lengths[r] - 1]) if finished[r] else None)
         for r in range(rows)
     ]
 

@@ -51,13 +51,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("token_ids", pa.list_(pa.int32())),
         ("behaviour_logprobs", pa.list_(pa.float32())),  # log-prob of each sampled token under the sampler
         ("num_tokens", pa.int64()),
-        ("finish_reason", pa.string()),  # "stop" (EOS emitted) or "length" (max_new_tokens reached)
+        ("finish_reason", pa.string()),  # "stop" (a stop token emitted) or "length" (max_new_tokens reached)
+        ("stop_token_id", pa.int64()),  # which stop token ended it (null at the length limit), as vLLM's stop_reason
         ("max_new_tokens", pa.int64()),
         ("temperature", pa.float64()),
         ("top_p", pa.float64()),
         ("seed", pa.int64()),  # the shard's sampling seed
         ("backend", pa.string()),
         ("generation_id", pa.string()),  # content hash of the committed shard, stamped by Run.commit_shard
+        nullable=("stop_token_id",),
     ),
     "verdicts": _schema(
         *_KEY,

@@ -56,7 +56,7 @@ def run(config: EvaluateConfig) -> dict:
 
     from roll.policy import check_context, encode_prompts, load_policy, pick_device
     from roll.progress import progress_bar
-    from roll.sampling import sample_batch
+    from roll.sampling import completion_text, sample_batch, stop_token_ids
     from roll.store import SCHEMAS, read_table
     from roll.verifiers import make_verifier, verifier_for_task
 
@@ -86,11 +86,10 @@ def run(config: EvaluateConfig) -> dict:
             batch = prompt_ids[start:start + per_batch]
             samples += sample_batch(model, batch, max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p,
-                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                    eos_id=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
                                     generator=generator, group_size=config.k)
             advance(len(batch) * config.k)
-    completions = [tokenizer.decode([t for t in s.token_ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
-                   for s in samples]
+    completions = [completion_text(tokenizer, s) for s in samples]
     answers = [r["answer"] for r in rows for _ in range(config.k)]
     with make_verifier(verifier_for_task(rows[0]["task"]), timeout_s=config.timeout) as verifier:
         verdicts = verifier.verify_many(completions, answers)

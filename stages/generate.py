@@ -78,10 +78,11 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
     import torch
 
     from roll.progress import progress_bar
-    from roll.sampling import sample_batch
+    from roll.sampling import completion_text, sample_batch, stop_token_ids
     from roll.store import SCHEMAS
 
     generator = torch.Generator().manual_seed(seed)
+    stops = stop_token_ids(model, tokenizer)
     prompts_per_batch = max(1, batch_size // group_size)
     columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
     with progress_bar(description, len(prompt_ids) * group_size, "sequences") as advance:
@@ -89,17 +90,17 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
             batch_ids = prompt_ids[start:start + prompts_per_batch]
             batch_prompts = prompt_tokens[start:start + prompts_per_batch]
             samples = sample_batch(model, batch_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                   top_p=top_p, eos_id=stops, pad_id=tokenizer.pad_token_id,
                                    generator=generator, group_size=group_size)  # (prompts × G) rows, prompt-major
             for row, sample in enumerate(samples):
                 prompt_index, sample_index = divmod(row, group_size)
-                completion_ids = [t for t in sample.token_ids if t != tokenizer.eos_token_id]
                 values = {
                     "policy_version": version, "prompt_id": batch_ids[prompt_index], "sample_index": sample_index,
-                    "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                    "completion": completion_text(tokenizer, sample),
                     "prompt_token_ids": batch_prompts[prompt_index], "token_ids": sample.token_ids,
                     "behaviour_logprobs": sample.logprobs, "num_tokens": len(sample.token_ids),
-                    "finish_reason": sample.finish_reason, "max_new_tokens": max_new_tokens,
+                    "finish_reason": sample.finish_reason, "stop_token_id": sample.stop_token_id,
+                    "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p,
                     "seed": seed, "backend": backend, "generation_id": "",  # stamped when committed
                 }
@@ -140,6 +141,7 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
                       "completion": completion.text, "prompt_token_ids": ids, "token_ids": tokens,
                       "behaviour_logprobs": logprobs, "num_tokens": len(tokens),
                       "finish_reason": "stop" if completion.finish_reason == "stop" else "length",
+                      "stop_token_id": tokens[-1] if completion.finish_reason == "stop" and tokens else None,
                       "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
                       "top_p": config.top_p, "seed": seed, "backend": "vllm", "generation_id": ""}
             for name, value in values.items():

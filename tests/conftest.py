@@ -67,3 +67,61 @@ def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
     verdicts = pq.read_table(path)
     rewards = pa.array([float(i % 2) for i in verdicts.column("sample_index").to_pylist()])
     write_table(path, "verdicts", verdicts.set_column(verdicts.schema.get_field_index("reward"), "reward", rewards))
+
+
+QWEN_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_chat_checkpoint(out: Path, architecture: str = "qwen2", tokenizer_eos: str = "<|im_end|>",
+                          generation_eos: tuple[str, ...] = ("<|im_end|>",), stop_bias: float = 0.0) -> Path:
+    """A small real checkpoint as a user would bring one: a byte-level BPE tokenizer trained here on bundled
+    GSM8K text, a Qwen-style chat template, no pad token, and random weights — Qwen2 (GQA, tied embeddings)
+    or Llama (untied). `generation_eos` goes to generation_config.eos_token_id, as chat models ship it.
+
+    With `stop_bias` > 0 the Llama's residual stream carries a constant feature that the output head maps
+    to `<|im_end|>` only, so that token is drawn with a fixed share of the mass at every step (a random
+    model otherwise almost never ends a turn): after the RMS norm the feature is ≈ 8, so the logit is ≈ 8·bias
+    against ≈ 0 for the other ~800 tokens (bias 0.6: p ≈ 0.1 a token)."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    from roll.data import DATA_DIR
+
+    texts = [json.loads(line)["problem"] for line in (DATA_DIR / "gsm8k" / "train.jsonl").read_text().splitlines()[:2000]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=tokenizer_eos, model_max_length=2048)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special if t != tokenizer_eos]})
+    tokenizer.chat_template = QWEN_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  eos_token_id=ids[tokenizer_eos], bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    if architecture == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+    if stop_bias:
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight
+            embeddings[:, 0] = 1.0  # feature 0 is 1 in every token's embedding ...
+            for layer in model.model.layers:  # ... and stays in the residual stream: no layer writes to it
+                layer.self_attn.o_proj.weight[0].zero_()
+                layer.mlp.down_proj.weight[0].zero_()
+            head = model.get_output_embeddings().weight
+            head[:, 0] = 0.0
+            head[ids["<|im_end|>"], 0] = stop_bias  # after the final RMS norm, a positive logit for <|im_end|>
+    model.generation_config = GenerationConfig(eos_token_id=[ids[t] for t in generation_eos], bos_token_id=None)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

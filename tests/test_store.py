@@ -23,7 +23,7 @@ def rollout_rows(n: int, version: int = 0) -> pa.Table:
         "sample_index": [i % 4 for i in range(n)], "completion": ["1+1=2\nanswer: 2"] * n,
         "prompt_token_ids": [[1, 5, 6]] * n, "token_ids": [[7, 8, 2]] * n,
         "behaviour_logprobs": [[-0.5, -0.25, -0.125]] * n, "num_tokens": [3] * n,
-        "finish_reason": ["stop"] * n, "max_new_tokens": [48] * n, "temperature": [1.0] * n, "top_p": [1.0] * n, "seed": [7] * n,
+        "finish_reason": ["stop"] * n, "stop_token_id": [2] * n, "max_new_tokens": [48] * n, "temperature": [1.0] * n, "top_p": [1.0] * n, "seed": [7] * n,
         "backend": ["hf"] * n, "generation_id": ["g0"] * n,
     }
     return pa.table(rows, schema=SCHEMAS["rollouts"])
@@ -119,7 +119,7 @@ WRITER = textwrap.dedent("""
         "prompt_token_ids": pa.array([[1, 2]] * n, pa.list_(pa.int32())),
         "token_ids": pa.array([[3, 4, 5]] * n, pa.list_(pa.int32())),
         "behaviour_logprobs": pa.array([[-1.0, -2.0, -3.0]] * n, pa.list_(pa.float32())),
-        "num_tokens": pa.array([3] * n, pa.int64()), "finish_reason": pa.array(["stop"] * n), "max_new_tokens": pa.array([48] * n, pa.int64()),
+        "num_tokens": pa.array([3] * n, pa.int64()), "finish_reason": pa.array(["stop"] * n), "stop_token_id": pa.array([2] * n, pa.int64()), "max_new_tokens": pa.array([48] * n, pa.int64()),
         "temperature": pa.array([1.0] * n), "top_p": pa.array([1.0] * n), "seed": pa.array([1] * n, pa.int64()),
         "backend": pa.array(["hf"] * n), "generation_id": pa.array(["g0"] * n)}, schema=SCHEMAS["rollouts"])
     print("ready", flush=True)

@@ -1,0 +1,63 @@
+"""Real-model behaviour on small checkpoints built here: stops, chat templates, tokenizers without a pad."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from roll.store import Run, query
+
+from conftest import build_chat_checkpoint, roll_cli
+
+
+@pytest.fixture(scope="module")
+def llama3_style_dir(tmp_path_factory):
+    """Shipped as Llama-3-Instruct was: the tokenizer's eos is <|endoftext|>, while the generation config
+    stops on [<|im_end|>, <|endoftext|>]; the model ends its turn with <|im_end|>."""
+    return build_chat_checkpoint(tmp_path_factory.mktemp("llama3"), "llama", tokenizer_eos="<|endoftext|>",
+                                 generation_eos=("<|im_end|>", "<|endoftext|>"), stop_bias=0.6)
+
+
+def test_generation_stops_at_every_stop_id_of_the_generation_config(llama3_style_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", llama3_style_dir, "--task", "gsm8k")
+    roll_cli("generate", "--run", run, "--prompts", 8, "--group-size", 4, "--max-new-tokens", 32)
+    tokenizer = AutoTokenizer.from_pretrained(str(llama3_style_dir))
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    rows = query(Run(run), "select token_ids, finish_reason, stop_token_id, completion from rollouts").fetchall()
+    assert len(rows) == 32
+    stopped = [r for r in rows if r[1] == "stop"]
+    # the model ends its turn with <|im_end|> with p ≈ 0.1 a token (the tokenizer's own eos is <|endoftext|>):
+    # a row reaches 32 tokens with p ≈ 0.9^32 ≈ 3 %; before stops honoured the generation config, all 32 did
+    assert len(stopped) >= 24 and any(r[2] == im_end for r in stopped)
+    assert max(len(r[0]) for r in stopped) > 1  # some rows write text before they stop
+    for token_ids, finish, stop, completion in rows:
+        ends = [i for i, t in enumerate(token_ids) if t in (im_end, endoftext)]
+        if finish == "stop":
+            assert ends == [len(token_ids) - 1] and stop == token_ids[-1]  # cut at the first stop token
+            assert tokenizer.decode(token_ids[:-1], skip_special_tokens=True) == completion
+        else:
+            assert ends == [] and stop is None and len(token_ids) == 32
+        assert "<|im_start|>" not in completion and "<|im_end|>" not in completion
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    """Qwen2 with grouped-query attention and tied embeddings; eos <|im_end|>, no pad token."""
+    return build_chat_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.mark.parametrize("checkpoint", ["llama3_style_dir", "qwen2_dir"])
+def test_the_pipeline_runs_on_real_architectures(checkpoint, tmp_path, request):
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", request.getfixturevalue(checkpoint), "--task", "gsm8k")
+    roll_cli("generate", "--run", run, "--prompts", 4, "--group-size", 2, "--max-new-tokens", 16)
+    assert json.loads(roll_cli("train", "--run", run).stdout)["version"] == 1
+    # the sampler's log-probs and the scorer's teacher-forced ones: the same numerics, within float32 rounding
+    assert query(Run(run), "select max(mismatch_max_abs) from scores").fetchall()[0][0] < 1e-4
+    result = json.loads(roll_cli("evaluate", "--run", run, "--dataset", "gsm8k", "--limit", 4, "--k", 2,
+                                 "--max-new-tokens", 16).stdout)
+    lengths = query(Run(run), "select max(num_tokens) from evals").fetchall()[0][0]
+    assert result["k"] == 2 and lengths <= 16
