@@ -10,6 +10,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -161,16 +162,28 @@ def teacher_forced_logprobs(model, prompt_ids: list[int], completion_ids: list[i
     return lp.gather(-1, torch.tensor(completion_ids, device=device)[:, None]).squeeze(-1).cpu()
 
 
+# Positions per chunk of the output head: a chunk's (B, chunk, V) logits, log-softmax and probabilities are
+# the largest tensors of a forward pass, so they are made and dropped one chunk at a time. Chosen so that at
+# a 152k vocabulary and B = 8 a chunk's logits are ~80 MB in float32.
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
+
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-                        top_p: float = 1.0, with_entropy: bool = False):
+                        top_p: float = 1.0, with_entropy: bool = False, chunked: bool | None = None):
     """Teacher-forced log-probs of each completion token, batched: ((B, T) log-probs, (B, T) mask).
 
     With `with_entropy`, also the (B, T) entropy of the sampling distribution at each position (detached).
 
     Prompts are left-padded to a common width P and completions right-padded after them, so completion token
-    j of every row is predicted by the logits at column P − 1 + j: the output head runs on those T columns
-    only (`logits_to_keep`), never on prompt positions — with a real vocabulary the (B, P, V) prompt logits
-    would be most of the memory. Differentiable: the trainer calls it with grad.
+    j of every row is predicted by the hidden state at column P − 1 + j: the output head runs on those T
+    columns only, never on prompt positions. Differentiable: the trainer calls it with grad.
+
+    Memory: the (B, T, V) tensors (logits, log-softmax, probabilities) are what a real vocabulary makes
+    large — at 8 × 256 tokens and 152k tokens, 1.2 GB each in float32. `chunked` (the default for a plain
+    module) runs the backbone once and the head over chunks of positions, keeping only the selected token's
+    log-prob and the entropy of each: peak O(B·T·d + B·chunk·V). Under autograd each chunk is checkpointed
+    (recomputed in backward), as TRL's selective log-softmax and Liger's fused loss do. A DDP or FSDP
+    wrapper must run its own forward, so a wrapped model takes the whole-head path (`chunked=False`).
     """
     device = next(model.parameters()).device
     width, longest = max(len(p) for p in prompts), max(len(c) for c in completions)
@@ -183,12 +196,31 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
         attention_mask[row, width - len(p): width + len(c)] = 1
         mask[row, : len(c)] = True
     input_ids, attention_mask, mask = input_ids.to(device), attention_mask.to(device), mask.to(device)
+    targets = input_ids[:, width:]  # (B, T) the completion tokens (padding where masked)
+    positions = position_ids_from_mask(attention_mask)
+    if chunked is None:
+        chunked = _plain_module(model)
+    if chunked:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  use_cache=False).last_hidden_state[:, width - 1: width + longest - 1]  # (B, T, d)
+        head = model.get_output_embeddings()
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // (len(prompts) * head.weight.shape[0]))
+        parts = []
+        for start in range(0, longest, chunk):
+            args = (hidden[:, start:start + chunk], targets[:, start:start + chunk])
+            function = lambda h, t: _head_logprobs(model, head, h, t, temperature, top_p)  # noqa: E731
+            if torch.is_grad_enabled():
+                parts.append(torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False))
+            else:
+                parts.append(function(*args))
+        logprobs = torch.cat([p[0] for p in parts], 1).masked_fill(~mask, 0.0)
+        entropy = torch.cat([p[1] for p in parts], 1).detach().masked_fill(~mask, 0.0)
+        return (logprobs, mask, entropy) if with_entropy else (logprobs, mask)
     _, extra = _cache_argument(model)
     keep = {"logits_to_keep": longest + 1} if extra else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   use_cache=False, **keep).logits
     logits = logits[:, -(longest + 1):-1]  # (B, T, V): columns P − 1 … P + T − 2 predict the completion
-    targets = input_ids[:, width:]  # (B, T) the completion tokens (padding where masked)
     all_logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, T, V)
     logprobs = all_logprobs.gather(-1, targets[:, :, None]).squeeze(-1).masked_fill(~mask, 0.0)
     if not with_entropy:
@@ -197,3 +229,30 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
         p = all_logprobs.exp()
         entropy = -(p * all_logprobs.masked_fill(p == 0, 0.0)).sum(-1).masked_fill(~mask, 0.0)
     return logprobs, mask, entropy
+
+
+def _plain_module(model) -> bool:
+    """A module whose backbone and head may be called directly (not a DDP or FSDP wrapper)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch: no FSDP2
+        FSDPModule = ()  # noqa: N806
+    return not isinstance(model, FSDPModule) and hasattr(model, "base_model") and model.get_output_embeddings() is not None
+
+
+def _head_logprobs(model, head, hidden, targets, temperature: float, top_p: float):
+    """(selected token's sampling log-prob, entropy) for one chunk of positions: (B, c) each."""
+    logits = head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps its logits
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    all_logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, c, V), float32
+    selected = all_logprobs.gather(-1, targets[:, :, None]).squeeze(-1)
+    with torch.no_grad():
+        p = all_logprobs.exp()
+        entropy = -(p * all_logprobs.masked_fill(p == 0, 0.0)).sum(-1)
+    return selected, entropy

@@ -145,3 +145,34 @@ def test_load_policy_fuses_tanh_gelu_without_changing_the_function(tiny_model_di
     with torch.no_grad():
         gap = (plain(ids).logits - fused(ids).logits).abs().max().item()
     assert gap < 1e-4  # a different kernel for the same function
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_chunked_head_gives_the_whole_heads_logprobs_entropy_and_gradients(tiny_model_dir, temperature, top_p,
+                                                                           monkeypatch):
+    """The head run over chunks of positions (checkpointed under autograd) computes the same function as the
+    head over all positions at once: only the matmul's blocking differs, i.e. float32 rounding (~1e-7
+    relative) of log-probs whose size is ≲ 10, so 1e-5 holds with margin; gradients likewise, relative."""
+    import roll.sampling as sampling
+    from roll.sampling import completion_logprobs
+
+    model, _ = load_policy(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 40, (n,), generator=generator).tolist() for n in (5, 9, 7)]
+    completions = [torch.randint(5, 40, (n,), generator=generator).tolist() for n in (12, 3, 20)]
+    whole = completion_logprobs(model, prompts, completions, temperature, top_p, with_entropy=True, chunked=False)
+    monkeypatch.setattr(sampling, "HEAD_CHUNK_ELEMENTS", 3 * model.config.vocab_size * 4)  # chunks of 4 positions
+    parts = completion_logprobs(model, prompts, completions, temperature, top_p, with_entropy=True, chunked=True)
+    assert torch.equal(whole[1], parts[1])
+    outside = torch.isinf(whole[0])  # tokens outside the top-p nucleus: −inf in both
+    assert torch.equal(outside, torch.isinf(parts[0]))
+    assert (whole[0] - parts[0])[~outside].abs().max().item() < 1e-5 and (whole[2] - parts[2]).abs().max().item() < 1e-5
+    if top_p < 1.0:
+        return  # a −inf log-prob has no gradient to compare
+    model.train()
+    grads = []
+    for chunked in (False, True):
+        model.zero_grad()
+        completion_logprobs(model, prompts, completions, temperature, top_p, chunked=chunked)[0].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-5 * grads[0].abs().max().item()
