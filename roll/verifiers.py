@@ -109,14 +109,14 @@ def _matching_braces(text: str) -> dict[int, int]:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Contents of the last closed `\\boxed{…}` / `\\fbox{…}` (nested braces kept), or None."""
+    """Contents of the last closed, non-empty `\\boxed{…}` / `\\fbox{…}` (nested braces kept), or None."""
     boxes = list(BOXED_RE.finditer(text))
     if not boxes:
         return None
     pairs = _matching_braces(text)
-    for box in reversed(boxes):  # a box cut off by the token limit is skipped for the one before it
+    for box in reversed(boxes):  # a box cut off by the token limit, or an empty one, is no answer
         open_at = box.end() - 1
-        if open_at in pairs:
+        if open_at in pairs and text[open_at + 1:pairs[open_at]].strip():
             return text[open_at + 1:pairs[open_at]].strip()
     return None
 
@@ -138,16 +138,32 @@ def normalize_answer(answer: str) -> str:
     return answer
 
 
+# The endings real models write when they do not box their answer, each seen in GSM8K/MATH-style outputs:
+ENDINGS = (
+    re.compile(r"^[ \t]*####[ \t]*(.+?)[ \t]*$", re.MULTILINE),  # GSM8K's reference style: a final "#### 72"
+    ANSWER_LINE_RE,  # "answer: 72", "Final answer: 72", "**Answer:** 72"
+    re.compile(r"\*\*[ \t]*final[ \t]+answer[ \t]*:?[ \t]*\*\*[ \t]*:?[ \t]*\n+[ \t]*(.+)$", re.IGNORECASE | re.MULTILINE),
+    # "The answer is 72." — a value (digit, sign, $, \\ or bracket first), not prose ("the answer is five")
+    re.compile(r"\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*([-+$\\(\[\d].*?)[ \t]*(?:\.[ \t]*)?$",
+               re.IGNORECASE | re.MULTILINE),
+    re.compile(r"^[ \t*]*\(([A-E])\)[ \t]*(.+?)[ \t]*$", re.MULTILINE),  # a multiple-choice line "(C) 12"
+)
+
+
 def extract_math_answer(completion: str) -> str | None:
-    """The answer a completion gives: its last box, else its last `answer: …` line, else None."""
+    """The answer a completion gives: its last non-empty box; else the value of whichever unboxed ending
+    comes last (a `#### 72` line, an `answer: …` line, `**Final Answer**` with the value on the next line,
+    `The answer is 72.`, or a multiple-choice line `(C) 12`, whose value is taken); else None."""
     boxed = extract_boxed(completion)
     if boxed is not None:
         return boxed
-    for match in reversed(list(ANSWER_LINE_RE.finditer(completion))):
-        content = _strip_answer_line(match.group(1))
-        if content:
-            return content
-    return None
+    found = []  # (end position, answer)
+    for pattern in ENDINGS:
+        for match in pattern.finditer(completion):
+            content = _strip_answer_line(match.group(match.lastindex))
+            if content:
+                found.append((match.end(), content))
+    return max(found)[1] if found else None
 
 
 # ------------------------------------------------------------------------------------ math: worker side

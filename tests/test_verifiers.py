@@ -111,6 +111,16 @@ def test_registry():
     (r"\boxed{5}" + "\nanswer: 6", "5"),  # a box beats an answer line
     ("the answer is five", None),
     ("answer:   ", None),
+    # the endings real models write without a box (issue 13)
+    ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),  # GSM8K's reference style
+    ("So 3 + 4 = 7, and 7 * 2 = 14.\nThe answer is 72.", "72"),
+    ("The final answer is $\\frac{1}{2}$.", r"\frac{1}{2}"),
+    ("Adding up.\n\n**Final Answer**\n72", "72"),
+    ("**Final Answer**\n$\\boxed{12}$", "12"),
+    ("Checking each option.\n(C) 12", "12"),  # a multiple-choice line: its value
+    ("The answer is 5.\n#### 6", "6"),  # whichever ending comes last
+    (r"so \boxed{}", None),  # an empty box is no answer
+    (r"\boxed{5}, or maybe \boxed{ }", "5"),  # ... and does not hide an earlier one
 ])
 def test_extract_math_answer(completion, expected):
     assert extract_math_answer(completion) == expected
