@@ -140,7 +140,8 @@ def options(*decorators):
 SAMPLING_OPTIONS = options(
     click.option("--prompts", default=64, help="Train prompts drawn per version (across all shards)."),
     click.option("--group-size", default=8, help="Completions per prompt (G)."),
-    click.option("--max-new-tokens", default=48, help="Completion length limit."),
+    click.option("--max-new-tokens", type=int, default=None,
+                 help="Completion length limit. [default: the run's, from its task: 48 arith, 512 gsm8k, 1024 math]"),
     click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy."),
     click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off)."),
     click.option("--batch-size", default=256, help="Sequences per forward pass while sampling."),
@@ -365,11 +366,12 @@ def gc(run_path, keep, lag, window, versions, dry_run):
 @cli.command()
 @run_option
 @version_option
-@click.option("--dataset", default=None, help="Bundled dataset (gsm8k, math500, aime24, aime25, amc23). [default: the run's test split]")
+@click.option("--dataset", default=None, help="Bundled dataset (gsm8k, math, math500, aime24, aime25, amc23). [default: the run's test split]")
 @click.option("--k", default=4, help="Samples per prompt.")
 @click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off).")
-@click.option("--max-new-tokens", default=48, help="Completion length limit.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Completion length limit. [default: the run's, from its task: 48 arith, 512 gsm8k, 1024 math]")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts. [default: all]")
 @click.option("--batch-size", default=256, help="Sequences per forward pass.")
 @seed_option

@@ -1,4 +1,4 @@
-"""Bundled real datasets: GSM8K, MATH-500, AIME 2024, AIME 2025 and AMC 2023 as prompts-table rows.
+"""Bundled real datasets: GSM8K, MATH (train) with MATH-500, AIME 2024, AIME 2025 and AMC 2023 as prompts-table rows.
 
 The JSONL files live under `roll.data.DATA_DIR` (sources, licences and checksums in data/SOURCES.md); each
 line has `id`, `problem` and `answer` plus source fields. Rows come out in file order, so a prompt id
@@ -16,6 +16,8 @@ from roll.errors import RollError
 # name -> split -> file; then the source fields a row's metadata keeps (solutions stay in the files).
 DATASETS: dict[str, dict[str, Path]] = {
     "gsm8k": {"train": DATA_DIR / "gsm8k" / "train.jsonl", "test": DATA_DIR / "gsm8k" / "test.jsonl"},
+    # MATH's 7,470 training problems, evaluated on the MATH-500 test split (no problem in both)
+    "math": {"train": DATA_DIR / "math" / "train.jsonl", "test": DATA_DIR / "math500" / "test.jsonl"},
     "math500": {"test": DATA_DIR / "math500" / "test.jsonl"},
     "aime24": {"test": DATA_DIR / "aime24" / "test.jsonl"},
     "aime25": {"test": DATA_DIR / "aime25" / "test.jsonl"},
@@ -23,6 +25,13 @@ DATASETS: dict[str, dict[str, Path]] = {
 }
 KEPT_FIELDS = ("level", "subject", "year", "contest", "problem_number", "url")
 INSTRUCTION = "Solve the problem. Put the final answer in \\boxed{}."
+
+# Completion lengths a run of each task records in run.toml at `roll init`, used by generate and evaluate
+# unless --max-new-tokens is given: GSM8K reference solutions run to a median of ~95 tokens (so 48 cut
+# nearly all of them), MATH solutions are longer, competition problems longer still.
+MAX_NEW_TOKENS = {"arith": 48, "gsm8k": 512, "math": 1024, "math500": 1024, "aime24": 2048, "aime25": 2048,
+                  "amc23": 2048}
+FILE_TASK_MAX_NEW_TOKENS = 512  # a user's own task file
 
 
 def dataset_records(name: str) -> list[tuple[str, dict]]:

@@ -227,4 +227,9 @@ def pick_device(device: str = "auto") -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RollError(f"--device {device}: no CUDA device is available to this process (torch {torch.__version__}); "
+                        f"use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise RollError(f"--device {device}: choose auto, cpu or cuda")
     return device

@@ -70,7 +70,9 @@ def init_run(config: InitConfig) -> dict:
     run = Run(config.run)
     if run.exists():
         raise RollError(f"{run.root}: a run already exists here")
-    model_source = str(config.model) if config.model else str(default_model_dir())
+    # an absolute path: run.toml must still name the model when read from another directory
+    model_source = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else \
+        (str(config.model) if config.model else str(default_model_dir()))
     check_model_path(model_source)
     model, tokenizer = load_policy(model_source)
     prompts = build_prompts(config.task, config.seed, tokenizer)  # refuses a bad task before any file is written
@@ -82,6 +84,7 @@ def init_run(config: InitConfig) -> dict:
         save_policy(model, tokenizer, staging.policy_dir(0),
                     {"version": 0, "parent": None, "source": model_source, "objective": None})
         values = {**asdict(config), "run": None, "model": model_source, "roll_version": __version__,
+                  "max_new_tokens": task_max_new_tokens(config.task),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_run_config(staging.config_path, values)
         if run.root.exists():
@@ -96,6 +99,20 @@ def init_run(config: InitConfig) -> dict:
     for split in prompts.column("split").to_pylist():
         counts[split] = counts.get(split, 0) + 1
     return {"run": str(run.root), "task": config.task, "model": model_source, "prompts": counts}
+
+
+def task_max_new_tokens(task: str) -> int:
+    """The completion length a task's run uses unless told otherwise (roll.datasets.MAX_NEW_TOKENS)."""
+    from roll.datasets import FILE_TASK_MAX_NEW_TOKENS, MAX_NEW_TOKENS
+
+    return MAX_NEW_TOKENS.get(task, FILE_TASK_MAX_NEW_TOKENS)
+
+
+def run_max_new_tokens(run: Run, given: int | None) -> int:
+    """--max-new-tokens if given, else the run's (recorded from its task at init; 48 for older runs)."""
+    if given is not None:
+        return given
+    return int(read_run_config(run).get("max_new_tokens", 48))
 
 
 def ensure_run(path: Path | str | None) -> Run:

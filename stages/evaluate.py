@@ -25,7 +25,7 @@ class EvaluateConfig:
     k: int = 4  # samples per prompt
     temperature: float = 1.0  # sampling temperature; 0 = greedy (then k samples are identical)
     top_p: float = 1.0  # nucleus mass kept
-    max_new_tokens: int = 48  # completion length limit
+    max_new_tokens: int | None = None  # completion length limit (None: the run's, set from its task at init)
     limit: int | None = None  # evaluate only the first N prompts (None = all)
     batch_size: int = 256  # sequences per forward pass
     seed: int = 0  # sampling seed
@@ -62,7 +62,12 @@ def run(config: EvaluateConfig) -> dict:
 
     if config.k < 1:
         raise RollError(f"--k {config.k}: must be at least 1")
+    from dataclasses import replace
+
+    from roll.runs import run_max_new_tokens
+
     run_dir = Run(config.run)
+    config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, config.max_new_tokens))
     version = run_dir.latest_policy_version() if config.version is None else config.version
     model, tokenizer = load_policy(run_dir.require_policy(version), pick_device(config.device))
     name, rows = held_out_prompts(run_dir, config.dataset, tokenizer)

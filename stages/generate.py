@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ class GenerateConfig:
     version: int | None = None  # policy version to sample from; None = the latest committed
     prompts: int = 64  # train prompts drawn for this version (across all shards)
     group_size: int = 8  # completions per prompt (G)
-    max_new_tokens: int = 48  # completion length limit; a row that hits it finishes with "length"
+    max_new_tokens: int | None = None  # completion length limit (None: the run's, set from its task at init)
     temperature: float = 1.0  # sampling temperature; 0 = greedy
     top_p: float = 1.0  # nucleus mass kept (1 = off)
     seed: int = 0  # seeds the prompt order and, with version and shard, the sampler
@@ -38,7 +39,7 @@ class GenerateConfig:
 
 
 def check_config(config: GenerateConfig) -> None:
-    if config.prompts < 1 or config.group_size < 1 or config.max_new_tokens < 1 or config.batch_size < 1:
+    if config.prompts < 1 or config.group_size < 1 or (config.max_new_tokens or 1) < 1 or config.batch_size < 1:
         raise RollError("--prompts, --group-size, --max-new-tokens and --batch-size must be at least 1")
     if config.temperature < 0:
         raise RollError(f"--temperature {config.temperature}: must be >= 0")
@@ -149,6 +150,15 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     return pa.table(columns, schema=SCHEMAS["rollouts"])
 
 
+def warn_if_cut(finish_reasons: list[str], max_new_tokens: int) -> None:
+    """One line when more than a fifth of the completions hit the length limit: they end unfinished and
+    mostly score 0, which looks like a weak policy rather than a short limit."""
+    cut = sum(1 for reason in finish_reasons if reason == "length")
+    if finish_reasons and cut / len(finish_reasons) > 0.2:
+        print(f"roll: {cut} of {len(finish_reasons)} completions ({100 * cut / len(finish_reasons):.0f}%) reached "
+              f"--max-new-tokens {max_new_tokens} unfinished; raise it if the task's answers are longer", file=sys.stderr)
+
+
 def prompt_tokens(prompts, tokenizer, prompt_ids: list[str]) -> list[list[int]]:
     """Token ids of the prompts `prompt_ids`, in order, from a run's prompts table."""
     from roll.policy import encode_prompts
@@ -162,8 +172,13 @@ def run(config: GenerateConfig) -> dict:
     """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
     from roll.policy import check_context, load_policy, pick_device
 
+    from dataclasses import replace
+
+    from roll.runs import run_max_new_tokens
+
     check_config(config)
     run_dir = Run(config.run)
+    config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, config.max_new_tokens))
     version = run_dir.latest_policy_version() if config.version is None else config.version
     policy_dir = run_dir.require_policy(version)
     path = run_dir.shard_path("rollouts", version, config.shard)
@@ -204,6 +219,7 @@ def run(config: GenerateConfig) -> dict:
                                 description=f"generate v{version} shard {config.shard}")
     seconds = time.perf_counter() - started
     run_dir.commit_shard("rollouts", version, path.name, table)
+    warn_if_cut(table.column("finish_reason").to_pylist(), config.max_new_tokens)
     tokens = sum(table.column("num_tokens").to_pylist())
     rows = table.num_rows
     return {**summary, "skipped": False, "rows": rows, "tokens": tokens, "seconds": round(seconds, 3),

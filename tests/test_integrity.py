@@ -183,3 +183,14 @@ def test_an_evaluation_with_other_settings_is_never_a_cache_hit(run_dir):
     r = Run(run_dir)
     rows = query(r, "select json_extract(settings, '$.k')::INT as k, count(*) from evals group by 1 order by 1").fetchall()
     assert rows == [(1, 6), (4, 24)]
+
+
+def test_a_device_that_is_not_there_is_one_line(run_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    generate(GenerateConfig(run=run_dir, prompts=2, group_size=2, max_new_tokens=8))
+    for command in (["generate", "--version", 0, "--force"], ["score"], ["train"], ["evaluate", "--limit", 2]):
+        line = one_line_error(roll_cli(*command, "--run", run_dir, "--device", "cuda", check=False))
+        assert "--device cuda: no CUDA device is available" in line

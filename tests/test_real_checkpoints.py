@@ -61,3 +61,25 @@ def test_the_pipeline_runs_on_real_architectures(checkpoint, tmp_path, request):
                                  "--max-new-tokens", 16).stdout)
     lengths = query(Run(run), "select max(num_tokens) from evals").fetchall()[0][0]
     assert result["k"] == 2 and lengths <= 16
+
+
+def test_a_task_records_its_completion_length_and_stages_use_it(qwen2_dir, tmp_path):
+    import tomllib
+
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", qwen2_dir, "--task", "gsm8k")
+    config = tomllib.loads((run / "run.toml").read_text())
+    assert config["max_new_tokens"] == 512 and config["model"] == str(qwen2_dir.resolve())
+    proc = roll_cli("generate", "--run", run, "--prompts", 1, "--group-size", 2)
+    assert query(Run(run), "select distinct max_new_tokens from rollouts").fetchall() == [(512,)]
+    # a random model rarely stops: the cut share is said in one line
+    if query(Run(run), "select count(*) filter (where finish_reason = 'length') from rollouts").fetchall()[0][0] == 2:
+        assert "2 of 2 completions (100%) reached --max-new-tokens 512 unfinished" in proc.stderr
+    roll_cli("generate", "--run", run, "--version", 0, "--prompts", 1, "--group-size", 2, "--max-new-tokens", 8,
+             "--force")  # an explicit option overrides the run's
+    assert query(Run(run), "select distinct max_new_tokens from rollouts").fetchall() == [(8,)]
+    math = tmp_path / "math"
+    roll_cli("init", "--run", math, "--model", qwen2_dir, "--task", "math")
+    counts = query(Run(math), "select split, count(*) from prompts group by 1 order by 1").fetchall()
+    assert counts == [("test", 500), ("train", 7470)]
+    assert tomllib.loads((math / "run.toml").read_text())["max_new_tokens"] == 1024

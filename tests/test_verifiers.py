@@ -169,7 +169,8 @@ def test_equivalent_forms(math_verifier, gold, answer, correct):
 def test_answer_line_and_missing_format(math_verifier):
     verdicts = math_verifier.verify_many(["so\nanswer: 1/2", "I think it is 1/2", r"\boxed{}"],
                                          [r"\frac{1}{2}"] * 3)
-    assert [(v.correct, v.format_ok) for v in verdicts] == [(True, True), (False, False), (False, True)]
+    # an empty box is no answer: no format credit either (issue 13)
+    assert [(v.correct, v.format_ok) for v in verdicts] == [(True, True), (False, False), (False, False)]
 
 
 # ------------------------------------------------------------------------------------------- time bound
@@ -346,5 +347,5 @@ def test_dataset_prompts_use_a_chat_template():
 def test_build_prompts_knows_the_datasets():
     table = build_prompts("gsm8k")
     assert table.num_rows == 8792 and set(table.column("split").to_pylist()) == {"train", "test"}
-    with pytest.raises(RollError, match="gsm8k, math500, aime24, aime25, amc23"):
+    with pytest.raises(RollError, match="gsm8k, math, math500, aime24, aime25, amc23"):
         build_prompts("gsm9k")
