@@ -145,9 +145,11 @@ SAMPLING_OPTIONS = options(
     click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy."),
     click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off)."),
     click.option("--batch-size", default=256, help="Sequences per forward pass while sampling."),
+    click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf",
+                 help="Generation engine (vllm: GPU only, untested here)."),
 )
 
-GENERATE_FIELDS = ("prompts", "group_size", "max_new_tokens", "temperature", "top_p", "batch_size")
+GENERATE_FIELDS = ("prompts", "group_size", "max_new_tokens", "temperature", "top_p", "batch_size", "backend")
 
 
 @cli.command()
@@ -156,10 +158,9 @@ GENERATE_FIELDS = ("prompts", "group_size", "max_new_tokens", "temperature", "to
 @SAMPLING_OPTIONS
 @seed_option
 @shard_option
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", help="Generation engine.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--force", is_flag=True, help="Regenerate a shard that is already committed.")
-def generate(run_path, version, seed, shard, backend, device, force, **sampling):
+def generate(run_path, version, seed, shard, device, force, **sampling):
     """Sample G completions per prompt from a policy version into rollouts/version=V/.
 
     A committed shard is skipped unless --force.
@@ -174,7 +175,7 @@ def generate(run_path, version, seed, shard, backend, device, force, **sampling)
 
     parsed = Shard.parse(shard)  # refuse a bad --shard before creating anything
     config = GenerateConfig(run=ensure_run(run_path).root, version=version, seed=seed, shard=parsed,
-                            backend=backend, device=device, force=force, **sampling)
+                            device=device, force=force, **sampling)
     print_summary(run_generate(config))
 
 

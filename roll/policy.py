@@ -210,10 +210,10 @@ def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[l
     return out
 
 
-def check_context(model, prompt_tokens: list[list[int]], prompt_ids: list[str], max_new_tokens: int) -> None:
+def check_context(config, prompt_tokens: list[list[int]], prompt_ids: list[str], max_new_tokens: int) -> None:
     """Refuse prompts that with `max_new_tokens` would run past the model's context (an index error inside
     the position embeddings otherwise)."""
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if not limit:
         return
     longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]), default=None)

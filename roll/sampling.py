@@ -44,12 +44,12 @@ class Sample:
     stop_token_id: int | None = None  # the stop token that ended it (vLLM's stop_reason), None at the length limit
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
     """Every token id that ends a completion: the tokenizer's eos and each id of the checkpoint's
     `generation_config.eos_token_id`, which chat models ship as a list (Llama-3-Instruct's <|eot_id|>,
     Qwen's <|im_end|> beside <|endoftext|>) — the ids transformers' `generate` and vLLM stop on."""
     ids = [tokenizer.eos_token_id]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     ids += configured if isinstance(configured, (list, tuple)) else [configured]
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 

@@ -82,7 +82,7 @@ def run(config: EvaluateConfig) -> dict:
 
     started = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
-    check_context(model, prompt_ids, [r["prompt_id"] for r in rows], config.max_new_tokens)
+    check_context(model.config, prompt_ids, [r["prompt_id"] for r in rows], config.max_new_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     per_batch = max(1, config.batch_size // config.k)
     samples = []
@@ -91,7 +91,7 @@ def run(config: EvaluateConfig) -> dict:
             batch = prompt_ids[start:start + per_batch]
             samples += sample_batch(model, batch, max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p,
-                                    eos_id=stop_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                                    eos_id=stop_token_ids(model.generation_config, tokenizer), pad_id=tokenizer.pad_token_id,
                                     generator=generator, group_size=config.k)
             advance(len(batch) * config.k)
     completions = [completion_text(tokenizer, s) for s in samples]

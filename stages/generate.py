@@ -47,6 +47,9 @@ def check_config(config: GenerateConfig) -> None:
         raise RollError(f"--top-p {config.top_p}: must be in (0, 1]")
     if config.backend not in BACKENDS:
         raise RollError(f"--backend '{config.backend}': choose from {', '.join(BACKENDS)}")
+    if config.backend == "vllm" and config.temperature == 0 and config.group_size > 1:
+        raise RollError(f"--temperature 0 with --group-size {config.group_size}: vLLM refuses greedy sampling of "
+                        f"more than one completion per prompt (they would be identical); use --group-size 1")
 
 
 def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int) -> list[str]:
@@ -83,7 +86,7 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
     from roll.store import SCHEMAS
 
     generator = torch.Generator().manual_seed(seed)
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model.generation_config, tokenizer)
     prompts_per_batch = max(1, batch_size // group_size)
     columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
     with progress_bar(description, len(prompt_ids) * group_size, "sequences") as advance:
@@ -116,22 +119,39 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     """The same rows from vLLM (GPU): weights from the version's checkpoint directory, sampler log-probs of
     the processed distribution (temperature and top-p applied, vLLM's logprobs_mode="processed_logprobs").
 
+    Numerics and limits as the hf backend's: float32 (roll scores in float32, so the mismatch column compares
+    like with like), the same stop ids (`stop_token_ids`), the model's context checked before sampling and
+    passed as `max_model_len`. vLLM seeds sample j of a request with its seed + j, so one seed for every
+    prompt would give sample j of every prompt the same noise: each prompt gets its own seed, derived from
+    (seed, version, prompt id), so groups are independent and reproducible.
+
     UNTESTED: no machine with a GPU and vLLM was available to this project's sessions so far.
     """
     import pyarrow as pa
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     try:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
     except ImportError:
         raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU") from None
+    from roll.policy import check_context
+    from roll.sampling import stop_token_ids
     from roll.store import SCHEMAS
 
-    llm = LLM(model=str(policy_dir), seed=seed, logprobs_mode="processed_logprobs")
-    tokenizer = llm.get_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     encoded = prompt_tokens(run_dir.read_prompts(), tokenizer, prompt_ids)
-    params = SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
-                            max_tokens=config.max_new_tokens, logprobs=0, seed=seed)
+    check_context(AutoConfig.from_pretrained(str(policy_dir)), encoded, prompt_ids, config.max_new_tokens)
+    try:
+        generation_config = GenerationConfig.from_pretrained(str(policy_dir))
+    except OSError:  # a checkpoint without generation_config.json
+        generation_config = None
+    stops = stop_token_ids(generation_config, tokenizer)
+    llm = LLM(model=str(policy_dir), seed=seed, dtype="float32", logprobs_mode="processed_logprobs",
+              max_model_len=max(len(ids) for ids in encoded) + config.max_new_tokens)
+    params = [SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
+                             max_tokens=config.max_new_tokens, logprobs=0, stop_token_ids=stops,
+                             seed=prompt_seed(seed, version, pid)) for pid in prompt_ids]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
     columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
     for pid, ids, output in zip(prompt_ids, encoded, outputs):
@@ -148,6 +168,12 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
             for name, value in values.items():
                 columns[name].append(value)
     return pa.table(columns, schema=SCHEMAS["rollouts"])
+
+
+def prompt_seed(seed: int, version: int, prompt_id: str) -> int:
+    """A sampling seed per (seed, version, prompt): vLLM's per-request seeds (see sample_rollouts_vllm)."""
+    digest = hashlib.sha256(f"{seed}/{version}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
 
 
 def warn_if_cut(finish_reasons: list[str], max_new_tokens: int) -> None:
@@ -210,7 +236,7 @@ def run(config: GenerateConfig) -> dict:
     else:
         model, tokenizer = load_policy(policy_dir, pick_device(config.device))
         encoded = prompt_tokens(prompts, tokenizer, chosen)
-        check_context(model, encoded, chosen, config.max_new_tokens)
+        check_context(model.config, encoded, chosen, config.max_new_tokens)
         started = time.perf_counter()  # hf: the stage's seconds measure sampling, not loading
         table = sample_rollouts(model, tokenizer, version, chosen, encoded,
                                 group_size=config.group_size, max_new_tokens=config.max_new_tokens,

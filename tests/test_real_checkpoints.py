@@ -83,3 +83,16 @@ def test_a_task_records_its_completion_length_and_stages_use_it(qwen2_dir, tmp_p
     counts = query(Run(math), "select split, count(*) from prompts group by 1 order by 1").fetchall()
     assert counts == [("test", 500), ("train", 7470)]
     assert tomllib.loads((math / "run.toml").read_text())["max_new_tokens"] == 1024
+
+
+def test_vllm_backend_refusals_and_seeds_need_no_vllm(run_dir):
+    """What can be checked without vLLM installed (it cannot be, where the tests run): greedy sampling of
+    several completions is refused before vLLM is asked, and every prompt gets its own reproducible seed."""
+    from roll.stages.generate import prompt_seed
+
+    proc = roll_cli("generate", "--run", run_dir, "--backend", "vllm", "--temperature", 0, "--group-size", 4, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("roll: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "vLLM refuses greedy sampling" in errors[0]
+    seeds = [prompt_seed(0, 3, f"p{i}") for i in range(1000)]
+    assert len(set(seeds)) == 1000 and seeds == [prompt_seed(0, 3, f"p{i}") for i in range(1000)]
+    assert prompt_seed(0, 3, "p0") != prompt_seed(0, 4, "p0") != prompt_seed(1, 3, "p0")
