@@ -254,6 +254,8 @@ TRAINING_OPTIONS = options(
                  help="Start a new AdamW every update instead of resuming the parent version's state."),
     click.option("--drop-zero-variance", is_flag=True,
                  help="Leave out groups whose rewards are all equal (DAPO's dynamic sampling filter)."),
+    click.option("--gradient-checkpointing", is_flag=True,
+                 help="Recompute each transformer block's activations in backward: less memory, more time."),
     click.option("--epochs", default=1, help="Passes over the selected rows per update."),
     click.option("--mini-batch", default=512, help="Completions per optimiser step."),
     click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation)."),

@@ -53,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
     fresh_optimizer: bool = False  # a new AdamW every update (no state carried from the parent version)
     drop_zero_variance: bool = False  # leave out groups whose rewards are all equal (DAPO's dynamic sampling)
+    gradient_checkpointing: bool = False  # recompute transformer blocks' activations in backward (less memory)
     epochs: int = 1  # passes over the selected rows
     mini_batch: int = 512  # completions per optimiser step
     micro_batch: int = 64  # completions per forward/backward (gradient accumulation)
@@ -172,6 +173,8 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     advantages, group_records = group_targets(run_dir, rows, version, config, dist)
 
     model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
+    if config.gradient_checkpointing:  # recompute each block's activations in backward: memory for time
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
     optimizer, global_step, resumed = resume_optimizer(model, run_dir, version, config, dist)
     stale_base = {v: steps_since(run_dir, v, version) for v in data_versions}

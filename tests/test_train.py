@@ -159,3 +159,17 @@ def test_window_reads_rows_from_arrow_buffers_including_slices_and_nulls():
     assert window[1]["ref_logprobs"].tolist() == [-1.0] and window[0]["ref_logprobs"] is None
     assert [window.length("token_ids", i) for i in range(3)] == [2, 1, 1]
     assert window[0]["trainer_logprobs"].tolist() == pytest.approx([-0.2, -0.3])
+
+
+def test_gradient_checkpointing_changes_memory_not_the_update(run_dir, tmp_path):
+    """Recomputing each block's activations in backward is the same arithmetic again: the same step."""
+    fixed_data_run(run_dir)
+    plain = tmp_path / "plain"
+    shutil.copytree(run_dir, plain)
+    roll_cli("train", "--run", run_dir, "--gradient-checkpointing", "--lr", "1e-3")
+    roll_cli("train", "--run", plain, "--lr", "1e-3")
+    a = load_file(Run(run_dir).policy_dir(1) / "model.safetensors")
+    b = load_file(Run(plain).policy_dir(1) / "model.safetensors")
+    before = load_file(Run(run_dir).policy_dir(0) / "model.safetensors")
+    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-4  # a real step was taken
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
