@@ -85,7 +85,7 @@ def run(config: IterateConfig) -> dict:
                                                              device=trn.device, ref=needs_ref)),
                 "train": lambda: train.run(replace(trn, run=config.run, version=version)),
                 "evaluate": lambda: maybe_evaluate(version + 1),
-                "gc": lambda: config.keep_policies and retention.run(retention.GcConfig(
+                "gc": lambda: config.keep_policies is not None and retention.run(retention.GcConfig(
                     run=config.run, keep=config.keep_policies, lag=trn.lag, window=trn.window)),
             }
             if version + 1 == committed:  # trained before a rerun; only its evaluation and gc may be missing

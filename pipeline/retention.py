@@ -6,8 +6,10 @@ version. A checkpoint is still needed, and kept, when it is
 * v0 — π_ref, and the parent of every run;
 * one of the latest N versions — the next update starts from the latest, and generation samples from it;
 * evaluated — its held-out numbers stay reproducible;
+* holding rollouts that are not yet verified and scored (whatever the lag): scoring needs the behaviour
+  checkpoint, and those rollouts could never be trained on without it;
 * inside a future update's lag window (behaviour versions ≥ latest − L − W + 1, DESIGN §3.1) while its
-  rollouts are not yet generated and scored: scoring needs the behaviour checkpoint.
+  rollouts are not generated yet.
 
 Rollouts, verdicts, scores, steps, groups and evals are never deleted, nor a version's policy.json: it stays
 as the record that the version was committed (parent, objective, data versions, optimiser steps).
@@ -36,20 +38,25 @@ def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
     versions = run.checkpoint_versions()
     if not versions:
         return {}
+    from roll.stages.verify import pending_shards
+    from roll.store import Shard
+
     latest = versions[-1]
     evaluated = set(run.versions("evals"))
+    generated = set(run.versions("rollouts"))
     reasons: dict[int, str] = {}
     for version in versions:
-        scored = run.complete_shard_count("rollouts", version) is not None and \
-            run.complete_shard_count("scores", version) == run.complete_shard_count("rollouts", version)
+        unscored = version in generated and bool(pending_shards(run, "scores", [version], Shard(0, 1), False))
         if version == 0:
             reasons[version] = "v0 is π_ref and the run's start"
         elif version in versions[-keep:]:
             reasons[version] = f"one of the latest {keep}"
         elif version in evaluated:
             reasons[version] = "it is evaluated"
-        elif version >= latest - lag - window + 1 and not scored:
-            reasons[version] = "a future update's lag window reads it and its rollouts are not generated and scored yet"
+        elif unscored:
+            reasons[version] = "its rollouts are not scored yet, and scoring needs this checkpoint"
+        elif version not in generated and version >= latest - lag - window + 1:
+            reasons[version] = "a future update's lag window reads it and its rollouts are not generated yet"
     return reasons
 
 

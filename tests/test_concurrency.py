@@ -78,3 +78,19 @@ def test_a_stray_file_is_reported_and_left_out_by_sql_and_stages_alike(run_dir):
     assert "(copy).parquet: not a shard of table rollouts; left out" in proc.stderr
     out = json.loads(roll_cli("train", "--run", run_dir).stdout)
     assert out["rows"] == 4
+
+
+def test_regenerating_a_version_in_another_layout_replaces_its_derived_files_too(run_dir):
+    small = ["--prompts", 8, "--group-size", 2, "--max-new-tokens", 8]
+    roll_cli("generate", "--run", run_dir, *small)
+    roll_cli("verify", "--run", run_dir)
+    roll_cli("score", "--run", run_dir)
+    for shard in ("0/2", "1/2"):
+        roll_cli("generate", "--run", run_dir, *small, "--shard", shard, "--force")
+    r = Run(run_dir)
+    assert sorted(r.files("verdicts", 0)) == [] and sorted(r.files("scores", 0)) == []  # the 1-shard layout's
+    roll_cli("verify", "--run", run_dir)
+    roll_cli("score", "--run", run_dir)
+    assert sorted(r.files("verdicts", 0)) == sorted(r.files("rollouts", 0)) == \
+        ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    assert query(r, "select count(*), count(reward) from samples").fetchall() == [(16, 16)]

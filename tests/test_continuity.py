@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from roll.store import OPTIMIZER_STATE, Run
+from roll.store import OPTIMIZER_STATE, Run, query
 
 from conftest import fixed_data_run, roll_cli, wait_for
 
@@ -102,9 +102,14 @@ def test_sigkill_while_committing_leaves_no_half_written_state_and_the_rerun_mat
     proc.wait()
     assert list(policies.glob(".v0001.*.tmp")), "the update was not killed inside its commit"
     assert Run(killed).policy_versions() == [0] and not (policies / "v0001").exists()
+    # steps and groups are written just before the policy: a reader must not see them without it
+    assert Run(killed).train_path("steps", 1).exists()
+    assert query(Run(killed), "select count(*) from steps").fetchall() == [(0,)]
     roll_cli("train", "--run", killed, *STEP)
     assert sorted(p.name for p in policies.iterdir()) == ["v0000", "v0001"]  # the dead commit's temporary is gone
     assert max_gap(weights(killed, 1), weights(reference, 1)) < 1e-6
+    same = "select step, global_step, tokens, loss from steps"
+    assert query(Run(killed), same).fetchall() == query(Run(reference), same).fetchall()
     a = torch.load(policies / "v0001" / OPTIMIZER_STATE, weights_only=True)["optimizer"]["state"]
     b = torch.load(Run(reference).policy_dir(1) / OPTIMIZER_STATE, weights_only=True)["optimizer"]["state"]
     assert a.keys() == b.keys()

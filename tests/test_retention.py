@@ -57,3 +57,13 @@ def test_gc_refuses_to_delete_a_needed_checkpoint_with_one_line(run_dir):
     assert not [p for p in (r.root / "policies").iterdir() if p.name.startswith(".")]
     proc = roll_cli("generate", "--run", run_dir, "--version", 1, check=False)
     assert proc.returncode == 2 and "policy version 1 was deleted by `roll gc`" in proc.stderr
+
+
+def test_gc_keeps_a_checkpoint_whose_rollouts_are_not_scored_whatever_lag_it_is_told(run_dir):
+    roll_cli("iterate", "--run", run_dir, "--iterations", 4, "--lag", 2, "--eval-every", 0, *TINY)
+    r = Run(run_dir)
+    # versions 2 and 3 have rollouts that no update has scored yet (lag 2); gc is not told the lag
+    out = json.loads(roll_cli("gc", "--run", run_dir, "--keep", 1).stdout)
+    assert out["deleted"] == [1] and r.checkpoint_versions() == [0, 2, 3, 4]
+    proc = roll_cli("gc", "--run", run_dir, "--keep", 1, "--version", 2, check=False)
+    assert proc.returncode == 2 and "its rollouts are not scored yet" in proc.stderr

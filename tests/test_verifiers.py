@@ -121,6 +121,10 @@ def test_registry():
     ("The answer is 5.\n#### 6", "6"),  # whichever ending comes last
     (r"so \boxed{}", None),  # an empty box is no answer
     (r"\boxed{5}, or maybe \boxed{ }", "5"),  # ... and does not hide an earlier one
+    ("The answer is 12.\n#### Verification\nIt checks out.", "12"),  # a Markdown heading is not an answer
+    ("The answer is 12 apples because 3 * 4 = 12.", "12 apples"),  # the sentence ends the answer
+    ("So the answer is 5, clearly.", "5"),
+    ("(A) 3 (B) 4 (C) 5", None),  # options listed, none chosen
 ])
 def test_extract_math_answer(completion, expected):
     assert extract_math_answer(completion) == expected
