@@ -301,6 +301,13 @@ def train(run_path, version, seed, device, force, nproc, fsdp, **training):
     summary = run_train(config)
     if summary.get("rank", 0) == 0:
         print_summary(summary)
+    else:
+        # a torchrun rank other than 0 has left its process group cleanly (train's Distributed.finish); under
+        # load, interpreter teardown of FSDP2's state then sometimes aborted the process ("terminate called
+        # without an active exception", exit -6) after the update was made. Nothing of it is left to flush.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command()
