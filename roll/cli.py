@@ -286,7 +286,6 @@ def train(run_path, version, seed, device, force, nproc, fsdp, **training):
 
     root = ensure_run(run_path).root
     if nproc > 1:
-        import os
         import subprocess
 
         argv = sys.argv[sys.argv.index("train") + 1:]
