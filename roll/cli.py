@@ -87,8 +87,10 @@ def cli():
 @run_option
 @click.option("--task", default="arith", help="Built-in task name, or a .jsonl/.parquet file with prompt and answer columns.")
 @click.option("--model", default=None, help="Checkpoint directory (or hub id) of a causal LM. [default: the embedded model]")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
+              help="Weights' dtype, kept by every commit (auto: the checkpoint's own). bf16 trains with fp32 master weights.")
 @seed_option
-def init(run_path, task, model, seed):
+def init(run_path, task, model, seed, dtype):
     """Create a run: the prompts table, policy v0000 and run.toml.
 
     \b
@@ -97,7 +99,7 @@ def init(run_path, task, model, seed):
     """
     from roll.runs import InitConfig, default_run_path, init_run
 
-    print_summary(init_run(InitConfig(run=run_path or default_run_path(), task=task, model=model, seed=seed)))
+    print_summary(init_run(InitConfig(run=run_path or default_run_path(), task=task, model=model, seed=seed, dtype=dtype)))
 
 
 @cli.command()

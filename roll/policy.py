@@ -94,24 +94,51 @@ def _remember(path, device: str, model, tokenizer) -> None:
             _LOADED.pop(list(_LOADED)[1])
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a checkpoint directory stores its weights in: config.json's `dtype` (`torch_dtype` in files
+    written before transformers 4.56), float32 when it says none."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return dtype if dtype in DTYPES else "float32"
+
+
 def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
-    """Load (model, tokenizer) from a checkpoint directory (or hub id), in float32, in eval mode.
+    """Load (model, tokenizer) from a checkpoint directory (or hub id), in eval mode.
+
+    To sample, score or evaluate: in the checkpoint's own dtype, so every stage computes with the numbers a
+    user's bf16 checkpoint holds. `to_train`: in float32, from the float32 master weights committed beside
+    bf16 weights when there are any (DESIGN §3.1b) — an AdamW step is often smaller than a bf16 weight's
+    rounding step, so continuing from the rounded weights would drop it.
 
     Inside `keep_loaded`, a model already in memory is returned instead: shared when loaded to evaluate,
-    handed over (and forgotten) when loaded `to_train`."""
+    handed over (and forgotten) when loaded `to_train` — unless it is not float32 (a bf16 sampler's copy)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from roll.store import MASTER_WEIGHTS
 
     key = _cache_key(path, device)
     if _LOADED is not None and key in _LOADED:
         model, tokenizer = _LOADED.pop(key) if to_train else _LOADED[key]
-        return model.eval(), tokenizer
+        if not to_train or next(model.parameters()).dtype == torch.float32:
+            return model.eval(), tokenizer
     check_model_path(path)
     quiet_transformers()
+    master = Path(path) / MASTER_WEIGHTS
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except (OSError, ValueError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32 if to_train else "auto")
+        if to_train and master.is_file():
+            from safetensors.torch import load_model
+
+            load_model(model, str(master))
+    except (OSError, ValueError, RuntimeError) as exc:
         raise RollError(f"model {path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -147,15 +174,20 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: dict | None = None) -> Path:
+def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: dict | None = None,
+                dtype: str | None = None) -> Path:
     """Commit a checkpoint directory atomically: write beside it, then rename into place.
 
     `optimizer_state` (AdamW's moments and step counts, the schedule, the global step) is written into the
     same directory, so the weights and the state the next update resumes from appear together or not at all.
+    `dtype` (bfloat16 or float16) stores the weights in that dtype — what every stage then samples and scores
+    with — and a float32 `model`'s exact weights beside them as the master weights training resumes from; the
+    model itself is cast to `dtype` (its caller is done with it; `keep_loaded` keeps what the disk holds).
     """
     import torch
 
-    from roll.store import OPTIMIZER_STATE, apply_umask, clear_stale_temporaries, os_error, temporary_path
+    from roll.store import (MASTER_WEIGHTS, OPTIMIZER_STATE, apply_umask, clear_stale_temporaries, os_error,
+                            temporary_path)
 
     directory = Path(directory)
     tmp = temporary_path(directory)
@@ -163,6 +195,13 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
         directory.parent.mkdir(parents=True, exist_ok=True)
         clear_stale_temporaries(directory)  # a half-written checkpoint of a committer that was killed
         tmp.mkdir()
+        target = getattr(torch, dtype) if dtype and dtype != "auto" else None
+        if target is not None and next(model.parameters()).dtype != target:
+            from safetensors.torch import save_model
+
+            if next(model.parameters()).dtype == torch.float32:
+                save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied embeddings (one stored tensor)
+            model.to(target)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:

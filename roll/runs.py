@@ -26,6 +26,7 @@ class InitConfig:
     task: str = "arith"  # a built-in task name or a .jsonl/.parquet file of prompts and answers
     model: str | None = None  # checkpoint directory or hub id; None means the embedded default model
     seed: int = 0  # seed of the built-in task's train/test generator
+    dtype: str = "auto"  # weights' dtype, kept by every commit: auto (the checkpoint's own), bfloat16, float16, float32
 
 
 def default_model_dir() -> Path:
@@ -64,17 +65,24 @@ def read_run_config(run: Run) -> dict:
 
 def init_run(config: InitConfig) -> dict:
     """Create a run: prompts table, policy v0000 and run.toml, built aside and renamed into place."""
-    from roll.policy import check_model_path, load_policy, save_policy
+    import torch
+
+    from roll.policy import DTYPES, check_model_path, load_policy, save_policy
     from roll.tasks import build_prompts
 
     run = Run(config.run)
     if run.exists():
         raise RollError(f"{run.root}: a run already exists here")
+    if config.dtype not in DTYPES:
+        raise RollError(f"--dtype {config.dtype}: choose from {', '.join(DTYPES)}")
     # an absolute path: run.toml must still name the model when read from another directory
     model_source = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else \
         (str(config.model) if config.model else str(default_model_dir()))
     check_model_path(model_source)
-    model, tokenizer = load_policy(model_source)
+    model, tokenizer = load_policy(model_source)  # in the checkpoint's own dtype
+    if config.dtype != "auto":
+        model.to(getattr(torch, config.dtype))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     prompts = build_prompts(config.task, config.seed, tokenizer)  # refuses a bad task before any file is written
 
     staging = Run(run.root.parent / f".{run.root.name}.init-{os.getpid()}")
@@ -83,7 +91,7 @@ def init_run(config: InitConfig) -> dict:
         write_table(staging.prompts_path, "prompts", prompts)
         save_policy(model, tokenizer, staging.policy_dir(0),
                     {"version": 0, "parent": None, "source": model_source, "objective": None})
-        values = {**asdict(config), "run": None, "model": model_source, "roll_version": __version__,
+        values = {**asdict(config), "run": None, "model": model_source, "dtype": dtype, "roll_version": __version__,
                   "max_new_tokens": task_max_new_tokens(config.task),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_run_config(staging.config_path, values)
@@ -98,7 +106,7 @@ def init_run(config: InitConfig) -> dict:
     counts = {}
     for split in prompts.column("split").to_pylist():
         counts[split] = counts.get(split, 0) + 1
-    return {"run": str(run.root), "task": config.task, "model": model_source, "prompts": counts}
+    return {"run": str(run.root), "task": config.task, "model": model_source, "dtype": dtype, "prompts": counts}
 
 
 def task_max_new_tokens(task: str) -> int:

@@ -60,6 +60,52 @@ def completion_text(tokenizer, sample: Sample) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def prompt_seed(seed: int, version: int, prompt_id: str) -> int:
+    """The sampling seed of one prompt of one version: 56 bits of sha256(seed/version/prompt id). Sample j of
+    the prompt uses seed + j — on the hf backend through `row_uniforms`, on vLLM as its per-request seed
+    (vLLM seeds sample j of a request with seed + j) — so groups are independent across prompts, and a row's
+    tokens do not depend on which shard or batch it was drawn in."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{version}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def group_seeds(seed: int, version: int, prompt_ids: list[str], group_size: int) -> list[int]:
+    """Row seeds, prompt-major: prompt_seed(seed, version, id) + j for sample j of each prompt."""
+    return [prompt_seed(seed, version, pid) + j for pid in prompt_ids for j in range(group_size)]
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _pcg_hash(x: torch.Tensor) -> torch.Tensor:
+    """PCG-RXS-M-XS 32-bit hash (Jarzynski & Olano, "Hash Functions for GPU Rendering", 2020) of int64 values in
+    [0, 2³²): integer arithmetic only, so it gives the same bits on every device. Products stay below 2⁶³."""
+    state = (x * 747796405 + 2891336453) & _MASK32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _MASK32
+    return (word >> 22) ^ word
+
+
+def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in (0, 1) per row for generation step `step`: a counter-based stream keyed by the row's
+    64-bit seed (an int64 tensor), float64 with 32 random bits. No generator state: row r's number at step
+    t depends on (seed_r, t) only, not on the batch, the rows beside it or the device."""
+    high, low = (seeds >> 32) & _MASK32, seeds & _MASK32
+    counter = torch.full_like(seeds, step & _MASK32)
+    bits = _pcg_hash(low ^ _pcg_hash(high ^ _pcg_hash(counter)))
+    return (bits.double() + 0.5) / 2.0 ** 32
+
+
+def draw_tokens(step_logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw, on the logits' device: the first token whose cumulative probability (float64, in
+    vocabulary order) exceeds u·total. Tokens of probability 0 (outside the top-p nucleus) have empty intervals
+    and are never drawn."""
+    cdf = step_logprobs.double().exp().cumsum(-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding: the first real token is at position 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -76,11 +122,13 @@ def _cache_argument(model) -> tuple[str, dict]:
 
 @torch.no_grad()
 def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 top_p: float, eos_id: int | list[int], pad_id: int, generator: torch.Generator,
+                 top_p: float, eos_id: int | list[int], pad_id: int, seeds: list[int],
                  group_size: int = 1) -> list[Sample]:
     """Sample `group_size` completions for each prompt in `prompt_ids`, with a KV cache; rows prompt-major.
 
-    A row ends at the first token of `eos_id` (one id, or every stop id: see `stop_token_ids`).
+    A row ends at the first token of `eos_id` (one id, or every stop id: see `stop_token_ids`). `seeds` holds
+    one seed per row (prompts × G, see `group_seeds`): the row's random numbers come from `row_uniforms`, and
+    tokens are drawn on the model's device (`draw_tokens`), so nothing of size vocabulary leaves the device.
 
     Prompts are left-padded so every row's next token sits in the last column. Each prompt is run through
     the model once and its cache copied to its G rows (`batch_repeat_interleave`): the prompt is a third of
@@ -109,6 +157,9 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
         attention_mask, positions = attention_mask.repeat_interleave(group_size, 0), positions.repeat_interleave(group_size, 0)
 
     rows = len(prompt_ids) * group_size
+    if len(seeds) != rows:
+        raise ValueError(f"sample_batch: {len(seeds)} seeds for {rows} rows")
+    row_seeds = torch.tensor(seeds, dtype=torch.long, device=device)
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -119,8 +170,7 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
         if temperature == 0:
             next_ids = step_logprobs.argmax(-1)
         else:
-            # draw on the CPU generator so a seed gives the same tokens on any device
-            next_ids = torch.multinomial(step_logprobs.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)
+            next_ids = draw_tokens(step_logprobs, row_uniforms(row_seeds[active], t))
         tokens[active, t] = next_ids
         logprobs[active, t] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
         done = torch.isin(next_ids, stops) & ~finished[active]  # (a legacy cache keeps finished rows active)

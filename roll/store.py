@@ -56,7 +56,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("max_new_tokens", pa.int64()),
         ("temperature", pa.float64()),
         ("top_p", pa.float64()),
-        ("seed", pa.int64()),  # the shard's sampling seed
+        ("seed", pa.int64()),  # the row's sampling seed: prompt_seed(--seed, version, prompt_id) + sample_index
         ("backend", pa.string()),
         ("generation_id", pa.string()),  # content hash of the committed shard, stamped by Run.commit_shard
         nullable=("stop_token_id",),
@@ -113,9 +113,12 @@ FINITE_COLUMNS = {"verdicts": ("reward",)}
 # Tables written as shards per behaviour version, and the tables written once per produced version.
 SHARDED_TABLES = ("rollouts", "verdicts", "scores")
 TRAIN_TABLES = ("steps", "groups")
+_GROUP = {"steps": "train", "groups": "train"}  # table → its directory under the run
 
 # Inside a policy directory beside the weights: the optimiser state the next update resumes (DESIGN §3.1a).
 OPTIMIZER_STATE = "optimizer.pt"
+# … and, for a checkpoint stored in bfloat16, the float32 master weights training continues from (DESIGN §3.1b).
+MASTER_WEIGHTS = "master.safetensors"
 
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 # Supplementary files of a version outside its i-of-N partition (apo's version-0 samples of later prompts).
@@ -318,7 +321,7 @@ class Run:
 
     def version_dir(self, table: str, version: int) -> Path:
         assert table in SHARDED_TABLES + TRAIN_TABLES + ("evals",), table
-        group = "train" if table in TRAIN_TABLES else table
+        group = _GROUP.get(table, table)
         return self.root / group / f"version={version:04d}"
 
     def shard_path(self, table: str, version: int, shard: Shard) -> Path:
@@ -490,8 +493,7 @@ class Run:
 
     def versions(self, table: str) -> list[int]:
         """Versions that hold at least one committed file of `table`."""
-        group = "train" if table in TRAIN_TABLES else table
-        base = self.root / group
+        base = self.root / _GROUP.get(table, table)
         if not base.is_dir():
             return []
         out = []

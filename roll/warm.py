@@ -155,7 +155,7 @@ def warm_up() -> None:
             prompts = [tokenizer("1+2=")["input_ids"], tokenizer("12+7=")["input_ids"]]
             samples = sample_batch(model, prompts, max_new_tokens=4, temperature=1.0, top_p=1.0,
                                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                   generator=torch.Generator().manual_seed(0), group_size=2)
+                                   seeds=[0, 1, 2, 3], group_size=2)
             completions = [sample.token_ids or [tokenizer.eos_token_id] for sample in samples]
             model.train()
             logprobs, mask = completion_logprobs(model, [p for p in prompts for _ in range(2)], completions, 1.0)

@@ -54,7 +54,6 @@ def collate(examples, pad_id: int):
 
 def sampled_accuracy(model, tokenizer, rows: list[dict], seed: int, max_new_tokens: int = 48) -> float:
     """Sampled pass@1 (T = 1, one sample per prompt) with the task's exact verifier."""
-    import torch
 
     from roll.sampling import sample_batch
     from roll.tasks import extract_arith_answer
@@ -63,7 +62,7 @@ def sampled_accuracy(model, tokenizer, rows: list[dict], seed: int, max_new_toke
     prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
     samples = sample_batch(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
                            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                           generator=torch.Generator().manual_seed(seed))
+                           seeds=[seed * len(prompts) + i for i in range(len(prompts))])
     model.train()
     correct = sum(extract_arith_answer(tokenizer.decode(s.token_ids, skip_special_tokens=True)) == row["answer"]
                   for s, row in zip(samples, rows))

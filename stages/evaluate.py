@@ -52,11 +52,10 @@ def held_out_prompts(run: Run, dataset: str | None, tokenizer) -> tuple[str, lis
 def run(config: EvaluateConfig) -> dict:
     """Sample k completions per held-out prompt, verify them, commit per-sample rows, return the metrics."""
     import pyarrow as pa
-    import torch
 
     from roll.policy import check_context, encode_prompts, load_policy, pick_device
     from roll.progress import progress_bar
-    from roll.sampling import completion_text, sample_batch, stop_token_ids
+    from roll.sampling import completion_text, group_seeds, sample_batch, stop_token_ids
     from roll.store import SCHEMAS, read_table
     from roll.verifiers import make_verifier, verifier_for_task
 
@@ -88,16 +87,16 @@ def run(config: EvaluateConfig) -> dict:
     started = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
     check_context(model.config, prompt_ids, [r["prompt_id"] for r in rows], config.max_new_tokens)
-    generator = torch.Generator().manual_seed(config.seed)
     per_batch = max(1, config.batch_size // config.k)
     samples = []
     with progress_bar(f"evaluate v{version} on {name}", len(rows) * config.k, "sequences") as advance:
         for start in range(0, len(rows), per_batch):
             batch = prompt_ids[start:start + per_batch]
+            seeds = group_seeds(config.seed, version, [r["prompt_id"] for r in rows[start:start + per_batch]], config.k)
             samples += sample_batch(model, batch, max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p,
                                     eos_id=stop_token_ids(model.generation_config, tokenizer), pad_id=tokenizer.pad_token_id,
-                                    generator=generator, group_size=config.k)
+                                    seeds=seeds, group_size=config.k)
             advance(len(batch) * config.k)
     completions = [completion_text(tokenizer, s) for s in samples]
     warn_if_cut([s.finish_reason for s in samples], config.max_new_tokens)

@@ -8,7 +8,6 @@ actually drew from (temperature, then top-p) as `behaviour_logprobs`.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ class GenerateConfig:
     max_new_tokens: int | None = None  # completion length limit (None: the run's, set from its task at init)
     temperature: float = 1.0  # sampling temperature; 0 = greedy
     top_p: float = 1.0  # nucleus mass kept (1 = off)
-    seed: int = 0  # seeds the prompt order and, with version and shard, the sampler
+    seed: int = 0  # seeds the prompt order and, with version and prompt id, each row's sampler
     shard: Shard = field(default_factory=lambda: Shard(0, 1))  # this process's part i/N of the prompts
     batch_size: int = 256  # sequences per forward pass
     backend: str = "hf"  # hf (transformers, CPU or GPU) or vllm (GPU)
@@ -68,24 +67,16 @@ def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int
     return chosen
 
 
-def shard_seed(seed: int, version: int, shard: Shard) -> int:
-    """A sampling seed per (seed, version, shard): the same command reproduces the same rows."""
-    digest = hashlib.sha256(f"{seed}/{version}/{shard.index}/{shard.count}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
-
-
 def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], prompt_tokens: list[list[int]], *,
                     group_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
                     batch_size: int, backend: str, description: str):
     """Rollout rows (a pyarrow table) of `group_size` samples for each prompt, batched prompt-major."""
     import pyarrow as pa
-    import torch
 
     from roll.progress import progress_bar
-    from roll.sampling import completion_text, sample_batch, stop_token_ids
+    from roll.sampling import completion_text, group_seeds, sample_batch, stop_token_ids
     from roll.store import SCHEMAS
 
-    generator = torch.Generator().manual_seed(seed)
     stops = stop_token_ids(model.generation_config, tokenizer)
     prompts_per_batch = max(1, batch_size // group_size)
     columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
@@ -93,9 +84,10 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
         for start in range(0, len(prompt_ids), prompts_per_batch):
             batch_ids = prompt_ids[start:start + prompts_per_batch]
             batch_prompts = prompt_tokens[start:start + prompts_per_batch]
+            seeds = group_seeds(seed, version, batch_ids, group_size)
             samples = sample_batch(model, batch_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, eos_id=stops, pad_id=tokenizer.pad_token_id,
-                                   generator=generator, group_size=group_size)  # (prompts × G) rows, prompt-major
+                                   seeds=seeds, group_size=group_size)  # (prompts × G) rows, prompt-major
             for row, sample in enumerate(samples):
                 prompt_index, sample_index = divmod(row, group_size)
                 values = {
@@ -106,7 +98,7 @@ def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], promp
                     "finish_reason": sample.finish_reason, "stop_token_id": sample.stop_token_id,
                     "max_new_tokens": max_new_tokens,
                     "temperature": temperature, "top_p": top_p,
-                    "seed": seed, "backend": backend, "generation_id": "",  # stamped when committed
+                    "seed": seeds[row], "backend": backend, "generation_id": "",  # stamped when committed
                 }
                 for name, value in values.items():
                     columns[name].append(value)
@@ -119,8 +111,8 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     """The same rows from vLLM (GPU): weights from the version's checkpoint directory, sampler log-probs of
     the processed distribution (temperature and top-p applied, vLLM's logprobs_mode="processed_logprobs").
 
-    Numerics and limits as the hf backend's: float32 (roll scores in float32, so the mismatch column compares
-    like with like), the same stop ids (`stop_token_ids`), the model's context checked before sampling and
+    Numerics and limits as the hf backend's: the checkpoint's dtype (roll scores in it, so the mismatch column
+    compares like with like), the same stop ids (`stop_token_ids`), the model's context checked before sampling and
     passed as `max_model_len`. vLLM seeds sample j of a request with its seed + j, so one seed for every
     prompt would give sample j of every prompt the same noise: each prompt gets its own seed, derived from
     (seed, version, prompt id), so groups are independent and reproducible.
@@ -135,8 +127,8 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
         from vllm.inputs import TokensPrompt
     except ImportError:
         raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU") from None
-    from roll.policy import check_context
-    from roll.sampling import stop_token_ids
+    from roll.policy import check_context, checkpoint_dtype
+    from roll.sampling import prompt_seed, stop_token_ids
     from roll.store import SCHEMAS
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
@@ -147,7 +139,7 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     except OSError:  # a checkpoint without generation_config.json
         generation_config = None
     stops = stop_token_ids(generation_config, tokenizer)
-    llm = LLM(model=str(policy_dir), seed=seed, dtype="float32", logprobs_mode="processed_logprobs",
+    llm = LLM(model=str(policy_dir), seed=seed, dtype=checkpoint_dtype(policy_dir), logprobs_mode="processed_logprobs",
               max_model_len=max(len(ids) for ids in encoded) + config.max_new_tokens)
     params = [SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
                              max_tokens=config.max_new_tokens, logprobs=0, stop_token_ids=stops,
@@ -164,16 +156,11 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
                       "finish_reason": "stop" if completion.finish_reason == "stop" else "length",
                       "stop_token_id": tokens[-1] if completion.finish_reason == "stop" and tokens else None,
                       "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                      "top_p": config.top_p, "seed": seed, "backend": "vllm", "generation_id": ""}
+                      "top_p": config.top_p, "seed": prompt_seed(seed, version, pid) + sample_index,
+                      "backend": "vllm", "generation_id": ""}
             for name, value in values.items():
                 columns[name].append(value)
     return pa.table(columns, schema=SCHEMAS["rollouts"])
-
-
-def prompt_seed(seed: int, version: int, prompt_id: str) -> int:
-    """A sampling seed per (seed, version, prompt): vLLM's per-request seeds (see sample_rollouts_vllm)."""
-    digest = hashlib.sha256(f"{seed}/{version}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
 
 
 def warn_if_cut(finish_reasons: list[str], max_new_tokens: int) -> None:
@@ -231,7 +218,7 @@ def run(config: GenerateConfig) -> dict:
         raise RollError(f"{run_dir.prompts_path}: no prompts in the train split")
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
 
-    seed = shard_seed(config.seed, version, config.shard)
+    seed = config.seed  # each row's own seed derives from it, the version and the prompt (roll.sampling.group_seeds)
     started = time.perf_counter()
     if config.backend == "vllm":
         table = sample_rollouts_vllm(policy_dir, run_dir, version, chosen, config, seed)

@@ -168,6 +168,7 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     from roll.policy import load_policy
 
     new_version = version + 1
+    dtype = training_dtype(run_dir, version)
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
     advantages, group_records = group_targets(run_dir, rows, version, config, dist)
@@ -179,7 +180,7 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     optimizer, global_step, resumed = resume_optimizer(model, run_dir, version, config, dist)
     stale_base = {v: steps_since(run_dir, v, version) for v in data_versions}
     step_records, first_use = optimise(wrapped, model, optimizer, rows, advantages, config, version, new_version,
-                                       global_step, stale_base, dist)
+                                       global_step, stale_base, dist, dtype)
     check_finite(step_records, model, optimizer, version, dist)
     for record in group_records:  # when each group was first used, and how far π_θ had moved from π_b by then
         members = record.pop("members")
@@ -201,9 +202,9 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
             "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
             "data_versions": data_versions, "data_window": list(data_window(version, config.lag, config.window)),
             "rows": len(rows), "optimizer_steps": len(step_records),
-            "global_step": global_step + len(step_records),
+            "global_step": global_step + len(step_records), "dtype": dtype,
             "optimizer": "fresh" if config.fresh_optimizer else (f"resumed from v{version:04d}" if resumed else "new")}
-    commit(run_dir, new_version, step_records, group_records, model, tokenizer, meta, optimizer_state)
+    commit(run_dir, new_version, step_records, group_records, model, tokenizer, meta, optimizer_state, dtype)
     dist.finish()
     regimes = dict(Counter(g["regime"] for g in group_records))
     ks = [g["k"] for g in group_records if not math.isnan(g["k"])]
@@ -333,6 +334,29 @@ def check_finite(step_records: list[dict], model, optimizer, version: int, dist)
                         f"(check the rewards, or lower --lr)")
 
 
+def training_dtype(run_dir: Run, version: int) -> str:
+    """The dtype policy `version` is stored in, which v+1 keeps (DESIGN §3.1b). float32 trains as it always
+    did; bfloat16 trains float32 master weights under bf16 autocast — as TRL's and the HF Trainer's `bf16=True`
+    do — and commits bf16 weights with the float32 masters beside them. float16 is refused: without loss
+    scaling its gradients underflow, and roll does not scale losses."""
+    from roll.policy import checkpoint_dtype
+
+    dtype = checkpoint_dtype(run_dir.policy_dir(version))
+    if dtype == "float16":
+        raise RollError(f"{run_dir.policy_dir(version)}: float16 weights; roll trains float32 or bfloat16 "
+                        f"(float16 would need loss scaling). Create the run with roll init --dtype bfloat16")
+    return dtype
+
+
+def autocast(device, dtype: str):
+    """bf16 autocast of the forward pass for a bf16 policy (weights stay float32); nothing for float32."""
+    import torch
+
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
 def learning_rate(config: TrainConfig, global_step: int) -> float:
     """Constant, after a linear warm-up over the run's first `warmup_steps` optimiser steps: step t (counted
     over the whole run, from 0) uses lr·(t+1)/(W+1) while t < W, so no step is taken at rate zero."""
@@ -383,7 +407,8 @@ def mini_batches(groups: list[list[int]], size: int, rng: random.Random) -> list
 
 
 def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainConfig, version: int,
-             new_version: int, global_step: int, stale_base: dict[int, int], dist) -> tuple[list[dict], dict]:
+             new_version: int, global_step: int, stale_base: dict[int, int], dist,
+             dtype: str = "float32") -> tuple[list[dict], dict]:
     """epochs × mini-batches of optimiser steps. Returns one metrics record per step (reduced over ranks) and,
     per row, (the step that first used it, its signed sequence log-ratio Δ then).
 
@@ -399,6 +424,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     from roll.sampling import completion_logprobs
 
     objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
+    device = next(model.parameters()).device
     model.train()
     torch.manual_seed(config.seed)
     groups = list(rows.groups().values())
@@ -429,9 +455,10 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             deltas = []  # (row, signed sequence log-ratio Δ)
             for index, micro in enumerate(micro_batches):
                 batch_rows = [rows[i] for i in micro]
-                logprobs, mask, entropy = completion_logprobs(
-                    wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
-                    batch_rows[0]["temperature"], 1.0, with_entropy=True)
+                with autocast(device, dtype):
+                    logprobs, mask, entropy = completion_logprobs(
+                        wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
+                        batch_rows[0]["temperature"], 1.0, with_entropy=True)
                 batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
                               ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
                               advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
@@ -475,7 +502,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     # CPU runs under load); there the finite weights and AdamW state are what is checked.
     records[-1]["probe_finite"] = True
     if not dist.fsdp:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):
             batch_rows = [rows[i] for i in micro_batches[0]]
             logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
                                                  [r["token_ids"] for r in batch_rows], batch_rows[0]["temperature"], 1.0)
@@ -484,7 +511,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
 
 
 def commit(run_dir: Run, new_version: int, step_records: list[dict], group_records: list[dict], model, tokenizer,
-           meta: dict, optimizer_state: dict | None) -> None:
+           meta: dict, optimizer_state: dict | None, dtype: str = "float32") -> None:
     """train/version=v+1/{steps,groups}, then the checkpoint with its optimiser state (policy.json last, the
     commit point: readers see the tables only once the policy is committed)."""
     import pyarrow as pa
@@ -496,7 +523,7 @@ def commit(run_dir: Run, new_version: int, step_records: list[dict], group_recor
     try:
         for name, records in tables.items():
             write_table(run_dir.train_path(name, new_version), name, pa.Table.from_pylist(records, schema=SCHEMAS[name]))
-        save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state)
+        save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state, dtype)
     except BaseException:
         # readers ignore tables of an uncommitted version (Run.committed_files); remove them all the same —
         # but not those of a version still committed (a failed --force keeps the old policy)

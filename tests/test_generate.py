@@ -176,3 +176,55 @@ def test_chunked_head_gives_the_whole_heads_logprobs_entropy_and_gradients(tiny_
         completion_logprobs(model, prompts, completions, temperature, top_p, chunked=chunked)[0].sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert (grads[0] - grads[1]).abs().max().item() <= 1e-5 * grads[0].abs().max().item()
+
+
+def test_row_uniforms_depend_on_the_row_seed_and_step_only():
+    """A row's random numbers are a function of (seed, step): the same whichever rows stand beside it or in
+    what order, different across seeds and steps, and in (0, 1)."""
+    from roll.sampling import group_seeds, row_uniforms
+
+    seeds = torch.tensor(group_seeds(0, 3, [f"p{i}" for i in range(50)], 8))
+    alone = torch.stack([row_uniforms(seeds[i:i + 1], 5)[0] for i in range(len(seeds))])
+    order = torch.randperm(len(seeds), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(row_uniforms(seeds, 5), alone)
+    assert torch.equal(row_uniforms(seeds[order], 5), alone[order])
+    assert len(set(row_uniforms(seeds, 5).tolist())) == len(seeds)  # 400 rows, 2³² values: a tie has p < 2e-5
+    assert not torch.equal(row_uniforms(seeds, 5), row_uniforms(seeds, 6))
+    everything = torch.cat([row_uniforms(seeds, t) for t in range(20)])
+    assert 0 < everything.min() and everything.max() < 1
+
+
+def test_on_device_draws_follow_the_sampling_distribution():
+    """Counts of 20,000 draws (one row each, consecutive seeds) from a fixed distribution pass a chi-square test
+    at significance 1e-6: 6 categories, χ² critical value 35.9 for 5 degrees of freedom. The seeds are fixed,
+    so the outcome is too; the bound says such a sample is not a freak of a biased sampler. A token outside the
+    top-p nucleus (probability 0) is never drawn."""
+    from roll.sampling import draw_tokens, row_uniforms, sampling_logprobs
+
+    probs = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.22, 0.28])
+    n = 20_000
+    logits = probs.log().repeat(n, 1)
+    seeds = torch.arange(n, dtype=torch.long) + 12345
+    counts = torch.bincount(draw_tokens(sampling_logprobs(logits, 1.0, 1.0), row_uniforms(seeds, 0)), minlength=6)
+    expected = probs * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 35.9, (counts.tolist(), chi2)
+    nucleus = draw_tokens(sampling_logprobs(logits, 1.0, 0.5), row_uniforms(seeds, 1))  # keeps 0.28, 0.22
+    assert set(nucleus.tolist()) == {4, 5}
+
+
+def test_same_seed_same_tokens_and_a_row_does_not_depend_on_its_shard(run_dir):
+    """On one device the same command gives the same tokens; a prompt's rows drawn in shard 1/2 are the ones
+    the single shard drew for it when the batches compute the same logits (here: one prompt per batch)."""
+    from roll.stages.generate import GenerateConfig, run as generate
+    from roll.store import Run, Shard, query
+
+    tokens = "select prompt_id, sample_index, token_ids from rollouts"
+    common = dict(prompts=4, group_size=3, max_new_tokens=12, batch_size=3)  # one prompt (3 rows) per batch
+    generate(GenerateConfig(run=run_dir, **common))
+    whole = {(pid, j): t for pid, j, t in query(Run(run_dir), tokens).fetchall()}
+    generate(GenerateConfig(run=run_dir, **common, force=True, shard=Shard(1, 2)))
+    generate(GenerateConfig(run=run_dir, **common, force=True, shard=Shard(0, 2)))
+    halves = {(pid, j): t for pid, j, t in query(Run(run_dir), tokens).fetchall()}
+    assert halves == whole and len(whole) == 12
+    assert len({tuple(t) for t in whole.values()}) > 1

@@ -88,7 +88,7 @@ def test_a_task_records_its_completion_length_and_stages_use_it(qwen2_dir, tmp_p
 def test_vllm_backend_refusals_and_seeds_need_no_vllm(run_dir):
     """What can be checked without vLLM installed (it cannot be, where the tests run): greedy sampling of
     several completions is refused before vLLM is asked, and every prompt gets its own reproducible seed."""
-    from roll.stages.generate import prompt_seed
+    from roll.sampling import prompt_seed
 
     proc = roll_cli("generate", "--run", run_dir, "--backend", "vllm", "--temperature", 0, "--group-size", 4, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("roll: error: ")]
@@ -96,3 +96,69 @@ def test_vllm_backend_refusals_and_seeds_need_no_vllm(run_dir):
     seeds = [prompt_seed(0, 3, f"p{i}") for i in range(1000)]
     assert len(set(seeds)) == 1000 and seeds == [prompt_seed(0, 3, f"p{i}") for i in range(1000)]
     assert prompt_seed(0, 3, "p0") != prompt_seed(0, 4, "p0") != prompt_seed(1, 3, "p0")
+
+
+@pytest.fixture(scope="module")
+def qwen2_bf16_dir(tmp_path_factory):
+    """The Qwen2 checkpoint saved in bfloat16, as Qwen and Llama checkpoints are shipped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = build_chat_checkpoint(tmp_path_factory.mktemp("qwen2-fp32"), "qwen2")
+    out = tmp_path_factory.mktemp("qwen2-bf16")
+    AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(out)
+    return out
+
+
+def test_a_bf16_checkpoint_stays_bf16_and_trains_from_float32_master_weights(qwen2_bf16_dir, tmp_path):
+    """init keeps the checkpoint's bf16 (it used to re-save float32); every commit stores bf16 weights and the
+    float32 masters beside them; two separate one-step updates end where one two-step process ends, which
+    they could not if the second resumed from the bf16-rounded weights (the step of lr 1e-4 is far below a
+    bf16 weight's rounding step, ~2⁻⁸ relative)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from roll.runs import read_run_config
+    from conftest import fixed_data_run
+
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", qwen2_bf16_dir, "--task", "gsm8k")
+    assert read_run_config(Run(run))["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(Run(run).policy_dir(0) / "model.safetensors").values()} == {torch.bfloat16}
+    fixed_data_run(run, prompts=4, group_size=4, max_new_tokens=12)
+    continuous = tmp_path / "continuous"
+    shutil.copytree(run, continuous)
+    step = ["--mini-batch", "1000", "--lr", "1e-4"]
+    for version in range(2):
+        roll_cli("train", "--run", run, "--version", version, "--lag", version, *step)
+    roll_cli("train", "--run", continuous, "--epochs", "2", *step)
+
+    stored = load_file(Run(run).policy_dir(2) / "model.safetensors")
+    master = load_file(Run(run).policy_dir(2) / "master.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16} and {t.dtype for t in master.values()} == {torch.float32}
+    common = stored.keys() & master.keys()  # tied embeddings are stored once, under either name
+    assert len(common) >= len(stored) - 1
+    assert all(torch.equal(master[k].to(torch.bfloat16), stored[k]) for k in common)  # the weights are the rounded masters
+    assert any(not torch.equal(master[k], stored[k].float()) for k in common)  # the masters hold more than bf16 does
+    # the same float operations in the same order in both: bitwise up to summation order inside kernels
+    reference = load_file(Run(continuous).policy_dir(1) / "master.safetensors")
+    assert max((master[k] - reference[k]).abs().max().item() for k in master) < 1e-6
+    assert json.loads((Run(run).policy_dir(2) / "policy.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_dtype_choices_at_init_and_float16_training_is_refused_in_one_line(qwen2_bf16_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    full = tmp_path / "fp32"
+    roll_cli("init", "--run", full, "--model", qwen2_bf16_dir, "--task", "gsm8k", "--dtype", "float32")
+    assert {t.dtype for t in load_file(Run(full).policy_dir(0) / "model.safetensors").values()} == {torch.float32}
+    half = tmp_path / "fp16"
+    roll_cli("init", "--run", half, "--model", qwen2_bf16_dir, "--task", "gsm8k", "--dtype", "float16")
+    roll_cli("generate", "--run", half, "--prompts", 2, "--group-size", 2, "--max-new-tokens", 8)
+    proc = roll_cli("train", "--run", half, check=False)
+    assert proc.returncode == 2 and "float16" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert Run(half).policy_versions() == [0]
