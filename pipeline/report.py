@@ -3,6 +3,8 @@
     pass1.png        held-out pass@1 against optimiser steps and against completions generated
     training.png     token entropy, KL(π_b‖π_θ), clip fraction, ESS and the signed log-ratio Δ per optimiser step
     regimes.png      share of groups in each Lambert regime, and median k, by lag
+    ope.png          per version: the LS lower bound and SNIPS from stale data (roll ope) against the version's
+                     own on-policy train reward and its held-out pass@1 (only for runs with ope summaries)
     summary.md       one row per run: objective, lag, final pass@1, entropy at the end, regime shares
 
 Runs are labelled by their directory name; several runs share each figure so they compare directly.
@@ -26,6 +28,11 @@ QUERIES = {
                           objective FROM steps ORDER BY global_step""",
     "regimes": """SELECT lag, regime, count(*) AS groups FROM groups GROUP BY 1, 2 ORDER BY 1, 2""",
     "median_k": """SELECT lag, median(k) AS median_k FROM groups WHERE NOT isnan(k) GROUP BY 1 ORDER BY 1""",
+    # the latest summary of each (target, data range); on-policy reward: the mean over v's own rollouts
+    "ope": """SELECT o.target_version AS version, o.target_version - o.data_hi AS lag, o.ls_bound, o.snips,
+                     (SELECT avg(reward) FROM verdicts v WHERE v.policy_version = o.target_version) AS on_policy,
+                     (SELECT avg(correct::DOUBLE) FROM evals e WHERE e.policy_version = o.target_version) AS held_out
+              FROM ope_summary o WHERE o.data_lo = o.data_hi ORDER BY 2, 1""",
     "meta": """SELECT any_value(objective) AS objective, max(lag) AS max_lag, count(DISTINCT policy_version) AS updates
                FROM groups""",
 }
@@ -133,6 +140,9 @@ def run(config: ReportConfig) -> dict:
     fig.savefig(out / "regimes.png", dpi=110)
     plt.close(fig)
 
+    if any(d["ope"] for d in data.values()):
+        plot_ope(plt, data, out / "ope.png")
+
     lines = ["# roll report", "", "| run | objective | max lag | updates | first pass@1 | final pass@1 | final entropy | "
              "pessimistic | boundary | optimistic |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
@@ -149,5 +159,32 @@ def run(config: ReportConfig) -> dict:
                      f"{100 * first:.1f}% | {100 * final:.1f}% | {entropy:.3f} | {100 * share['pessimistic']:.0f}% | "
                      f"{100 * share['boundary']:.0f}% | {100 * share['optimistic']:.0f}% |")
     lines += ["", "![pass@1](pass1.png)", "", "![training](training.png)", "", "![regimes](regimes.png)", ""]
+    if (out / "ope.png").exists():
+        lines += ["![ope](ope.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     return {"out": str(out), "runs": summary, "files": sorted(p.name for p in out.iterdir())}
+
+
+def plot_ope(plt, data: dict, path: Path) -> None:
+    """One panel per data lag: the LS bound and SNIPS of each version from data that many versions old,
+    beside the truth (its on-policy train reward, its held-out pass@1)."""
+    lags = sorted({row["lag"] for d in data.values() for row in d["ope"]})
+    fig, axes = plt.subplots(1, len(lags), figsize=(5.5 * len(lags), 4.2), squeeze=False)
+    for ax, lag in zip(axes[0], lags):
+        for i, (label, d) in enumerate(data.items()):
+            rows = [row for row in d["ope"] if row["lag"] == lag]
+            versions = [row["version"] for row in rows]
+            prefix = f"{label}: " if len(data) > 1 else ""
+            ax.plot(versions, [row["ls_bound"] for row in rows], marker="v", color=f"C{i}", label=f"{prefix}LS lower bound")
+            ax.plot(versions, [row["snips"] for row in rows], marker="o", ls="--", color=f"C{i}", label=f"{prefix}SNIPS")
+            ax.plot(versions, [row["on_policy"] for row in rows], marker="s", ls=":", color="black", alpha=0.7,
+                    label=f"{prefix}on-policy train reward")
+            held_out = [(row["version"], row["held_out"]) for row in rows if row["held_out"] is not None]
+            if held_out:
+                ax.plot(*zip(*held_out), marker="x", ls="-.", color="grey", label=f"{prefix}held-out pass@1")
+        ax.set(xlabel="version v", ylabel="value", title=f"v judged on data from v − {lag}", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -265,6 +265,48 @@ TRAINING_OPTIONS = options(
 )
 
 
+def data_versions_type(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("..")
+    try:
+        return (int(lo), int(hi or lo))
+    except ValueError:
+        raise RollError(f"--data-versions {text}: write a..b (e.g. 3..5) or one version") from None
+
+
+@cli.command()
+@run_option
+@click.option("--version", "version", type=int, default=None, help="Target policy version V. [default: the latest]")
+@click.option("--data-versions", default=None, help="Behaviour versions a..b of the stale rollouts. [default: V-1]")
+@click.option("--delta", default=0.05, show_default=True, help="The lower bound holds with probability >= 1 - delta.")
+@click.option("--lambda", "lambda_rule", default="auto", show_default=True,
+              help="λ of logarithmic smoothing: auto (best of a fixed grid, union bound), sqrt (1/sqrt(n)) or a number.")
+@shard_option
+@click.option("--batch-size", default=64, help="Sequences per forward pass.")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--force", is_flag=True, help="Recompute log-weights already committed.")
+def ope(run_path, version, data_versions, delta, lambda_rule, shard, batch_size, device, force):
+    """Judge policy V on stale rollouts: pessimistic off-policy evaluation by logarithmic smoothing.
+
+    Writes per-row log-weights to ope/version=V/ and one summary row (LS estimate and lower bound, IPS,
+    SNIPS, effective sample size) to the `ope_summary` view.
+
+    \b
+    Example:
+      roll ope --version 8 --data-versions 4..7
+    """
+    from roll.runs import default_run_path
+    from roll.stages.ope import OpeConfig, run as run_ope
+    from roll.store import Run, Shard
+
+    run = Run(run_path or default_run_path())
+    if not run.exists():
+        raise RollError(f"{run.root}: no run here")
+    print_summary(run_ope(OpeConfig(run=run.root, version=version,
+                                    data_versions=data_versions_type(data_versions) if data_versions else None,
+                                    delta=delta, lambda_rule=lambda_rule, shard=Shard.parse(shard),
+                                    batch_size=batch_size, device=device, force=force)))
+
+
 @cli.command()
 @run_option
 @version_option

@@ -105,6 +105,23 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("num_tokens", pa.int64()),
         ("settings", pa.string()),  # JSON: k, limit, temperature, top_p, max_new_tokens, seed
     ),
+    # roll ope: per stale row, its log-weight under a target version (DESIGN §7) …
+    "ope": _schema(
+        ("target_version", pa.int64()), *_KEY,  # policy_version: the behaviour version that sampled the row
+        ("reward", pa.float64()), ("num_tokens", pa.int64()),
+        ("target_logprob_sum", pa.float64()),  # log π_v(y | x) at the row's temperature and top-p
+        ("behaviour_logprob_sum", pa.float64()),  # log π_b(y | x), the sampler's own
+        ("log_weight", pa.float64()),  # their difference: the sequence's log importance weight
+        ("generation_id", pa.string()),  # of the rollouts weighted
+    ),
+    # … and one row per (target version, data versions, δ, λ rule): the estimates
+    "ope_summary": _schema(
+        ("target_version", pa.int64()), ("data_lo", pa.int64()), ("data_hi", pa.int64()),
+        ("prompts", pa.int64()), ("rows", pa.int64()), ("delta", pa.float64()), ("lambda_rule", pa.string()),
+        ("lambda", pa.float64()), ("ls_estimate", pa.float64()), ("ls_bound", pa.float64()),
+        ("ips", pa.float64()), ("log_ips", pa.float64()), ("snips", pa.float64()),
+        ("ess", pa.float64()), ("ess_share", pa.float64()), ("heavy_share", pa.float64()),
+    ),
 }
 
 # Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.
@@ -113,7 +130,8 @@ FINITE_COLUMNS = {"verdicts": ("reward",)}
 # Tables written as shards per behaviour version, and the tables written once per produced version.
 SHARDED_TABLES = ("rollouts", "verdicts", "scores")
 TRAIN_TABLES = ("steps", "groups")
-_GROUP = {"steps": "train", "groups": "train"}  # table → its directory under the run
+OPE_TABLES = ("ope", "ope_summary")
+_GROUP = {"steps": "train", "groups": "train", "ope_summary": "ope"}  # table → its directory under the run
 
 # Inside a policy directory beside the weights: the optimiser state the next update resumes (DESIGN §3.1a).
 OPTIMIZER_STATE = "optimizer.pt"
@@ -320,7 +338,7 @@ class Run:
         return self.root / "policies" / f"v{version:04d}"
 
     def version_dir(self, table: str, version: int) -> Path:
-        assert table in SHARDED_TABLES + TRAIN_TABLES + ("evals",), table
+        assert table in SHARDED_TABLES + TRAIN_TABLES + OPE_TABLES + ("evals",), table
         group = _GROUP.get(table, table)
         return self.root / group / f"version={version:04d}"
 
@@ -329,6 +347,18 @@ class Run:
 
     def train_path(self, table: str, version: int) -> Path:
         return self.version_dir(table, version) / f"{table}.parquet"
+
+    def ope_rows_path(self, target: int, data_version: int, rollout_shard: str) -> Path:
+        """Log-weights under policy `target` of one committed rollout file of `data_version`."""
+        return self.version_dir("ope", target) / f"from-{data_version:04d}-{rollout_shard}"
+
+    def ope_summary_path(self, target: int, lo: int, hi: int, settings: dict) -> Path:
+        """One summary per (target, data versions lo..hi, δ and λ rule)."""
+        import hashlib
+        import json
+
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+        return self.version_dir("ope_summary", target) / f"summary-{lo:04d}-{hi:04d}-{key}.parquet"
 
     def eval_path(self, version: int, dataset: str, settings: dict) -> Path:
         """One file per (version, dataset, sampling settings): an evaluation with another k, limit,
@@ -479,6 +509,9 @@ class Run:
                     if v <= latest and self.train_path(table, v).is_file()]
         if table == "evals":
             return [p for v in self.versions("evals") for p in sorted(self.version_dir("evals", v).glob("[!.]*.parquet"))]
+        if table in OPE_TABLES:
+            pattern = "from-*.parquet" if table == "ope" else "summary-*.parquet"
+            return [p for v in self.versions(table) for p in sorted(self.version_dir(table, v).glob(pattern))]
         return [p for v in (self.versions(table) if versions is None else versions) for p in self.files(table, v).values()]
 
     def complete_shard_count(self, table: str, version: int) -> int | None:

@@ -1,0 +1,158 @@
+"""ope: how good is policy version V on rollouts older versions sampled — without sampling from V (DESIGN §7).
+
+For each stale row (behaviour version d in the chosen range, verified) the sequence log-weight
+ℓ = log π_V(y | x) − log π_b(y | x): π_V by teacher forcing through score's batched path (`score_rows`) at the
+row's own temperature and top-p — the distribution V would sample from with the same sampler settings — and
+π_b the sampler's stored `behaviour_logprobs`. With top-p < 1, a token outside V's nucleus gives ℓ = −∞
+(weight 0, as V would never draw it), and completions V could draw but π_b's nucleus excluded are never
+seen: the estimate then covers π_b's support only, which for rewards ≥ 0 biases it low (still a lower bound).
+
+Rows go to `ope/version=V/from-dddd-<rollout file>` (one file per rollout file, so `--shard i/N` and Slurm
+arrays split the work as score does, and a killed run resumes); once every file of the range is there, the
+estimates (roll.ope.evaluate: LS estimate and lower bound, IPS, SNIPS, ESS) go to one `ope_summary` row.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roll.errors import RollError
+from roll.store import Run, Shard
+
+
+@dataclass(frozen=True)
+class OpeConfig:
+    run: Path  # run directory
+    version: int | None = None  # target policy version V; None = the latest committed
+    data_versions: tuple[int, int] | None = None  # behaviour versions lo..hi; None = V − 1
+    delta: float = 0.05  # the bound holds with probability ≥ 1 − δ
+    lambda_rule: str = "auto"  # auto (best of a fixed grid, union bound), sqrt (1/√n, the paper's code) or a number
+    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout files with index ≡ i (mod N)
+    batch_size: int = 64  # sequences per forward pass
+    device: str = "auto"  # auto, cpu or cuda
+    force: bool = False  # recompute log-weights already committed
+
+
+def check_config(config: OpeConfig) -> None:
+    if not 0 < config.delta < 1:
+        raise RollError(f"--delta {config.delta}: must be in (0, 1)")
+    if config.lambda_rule not in ("auto", "sqrt"):
+        try:
+            value = float(config.lambda_rule)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= 1e6:
+            raise RollError(f"--lambda {config.lambda_rule}: choose auto, sqrt or a number > 0")
+    if config.batch_size < 1:
+        raise RollError("--batch-size must be at least 1")
+
+
+def data_range(run_dir: Run, version: int, data_versions: tuple[int, int] | None) -> tuple[int, int]:
+    lo, hi = data_versions if data_versions is not None else (version - 1, version - 1)
+    if lo < 0 or hi < lo:
+        raise RollError(f"--data-versions {lo}..{hi}: need 0 ≤ a ≤ b (version {version} has no version before it)"
+                        if version == 0 and data_versions is None else f"--data-versions {lo}..{hi}: need 0 ≤ a ≤ b")
+    missing = [d for d in range(lo, hi + 1) if not run_dir.files("rollouts", d)]
+    if missing:
+        raise RollError(f"{run_dir.root}: no rollouts for data version {missing[0]}")
+    return lo, hi
+
+
+def units(run_dir: Run, lo: int, hi: int, shard: Shard) -> list[tuple[int, str, Path]]:
+    """(data version, rollout file name, path) of this shard's rollout files, each checked to have current verdicts."""
+    out = []
+    for data_version in range(lo, hi + 1):
+        for name, path in run_dir.files("rollouts", data_version).items():
+            index = int(name[5:10]) if name.startswith("part-") else 0
+            if index % shard.count != shard.index:
+                continue
+            verdicts = run_dir.version_dir("verdicts", data_version) / name
+            generation = run_dir.generation_of("rollouts", data_version, name)
+            if not verdicts.exists() or run_dir.generation_of("verdicts", data_version, name) != generation:
+                raise RollError(f"{verdicts}: no verdicts for these rollouts (data version {data_version}); run "
+                                f"`roll verify --version {data_version}` first")
+            out.append((data_version, name, path))
+    return out
+
+
+def weigh(model, run_dir: Run, version: int, data_version: int, name: str, path: Path, batch_size: int):
+    """The `ope` rows of one rollout file: log-weights of its completions under `model` (policy `version`)."""
+    import pyarrow as pa
+
+    from roll.stages.score import score_rows
+    from roll.store import SCHEMAS, read_table
+
+    rollouts = read_table(path, "rollouts").to_pylist()
+    verdicts = read_table(run_dir.version_dir("verdicts", data_version) / name, "verdicts")
+    reward = {(p, j): r for p, j, r in zip(verdicts.column("prompt_id").to_pylist(),
+                                          verdicts.column("sample_index").to_pylist(), verdicts.column("reward").to_pylist())}
+    target = score_rows(model, rollouts, batch_size)
+    records = []
+    for row, lp in zip(rollouts, target):
+        key = (row["prompt_id"], row["sample_index"])
+        if key not in reward:
+            raise RollError(f"{run_dir.version_dir('verdicts', data_version) / name}: no verdict for prompt_id "
+                            f"'{key[0]}' sample {key[1]}")
+        if not 0.0 <= reward[key] <= 1.0:
+            raise RollError(f"{run_dir.version_dir('verdicts', data_version) / name}: reward {reward[key]} of prompt_id "
+                            f"'{key[0]}' sample {key[1]} is outside [0, 1]; the bound needs rewards in [0, 1]")
+        target_sum, behaviour_sum = float(sum(lp)), float(sum(row["behaviour_logprobs"]))
+        records.append({"target_version": version, "policy_version": data_version, "prompt_id": key[0],
+                        "sample_index": key[1], "reward": reward[key], "num_tokens": row["num_tokens"],
+                        "target_logprob_sum": target_sum, "behaviour_logprob_sum": behaviour_sum,
+                        "log_weight": target_sum - behaviour_sum, "generation_id": row["generation_id"]})
+    return pa.Table.from_pylist(records, schema=SCHEMAS["ope"])
+
+
+def summarise(run_dir: Run, version: int, lo: int, hi: int, delta: float, rule: str) -> dict | None:
+    """The estimates over every row of lo..hi, committed as one `ope_summary` row; None while files are missing."""
+    import pyarrow as pa
+
+    from roll.ope import evaluate
+    from roll.store import SCHEMAS, read_table, write_table
+
+    paths = [run_dir.ope_rows_path(version, d, name) for d in range(lo, hi + 1) for name in run_dir.files("rollouts", d)]
+    if not all(p.exists() for p in paths):
+        return None
+    rows = pa.concat_tables([read_table(p, "ope") for p in paths])
+    prompts = [f"{d}/{p}" for d, p in zip(rows.column("policy_version").to_pylist(), rows.column("prompt_id").to_pylist())]
+    estimates = evaluate(rows.column("log_weight").to_numpy(), rows.column("reward").to_numpy(), prompts, delta,
+                         rule if rule in ("auto", "sqrt") else float(rule))
+    summary = {"target_version": version, "data_lo": lo, "data_hi": hi, **estimates, "lambda_rule": rule}
+    settings = {"delta": delta, "lambda": rule}
+    write_table(run_dir.ope_summary_path(version, lo, hi, settings), "ope_summary",
+                pa.Table.from_pylist([summary], schema=SCHEMAS["ope_summary"]))
+    return summary
+
+
+def run(config: OpeConfig) -> dict:
+    """Weigh this shard's stale rows under V, then (when the range is complete) write and return the estimates."""
+    from roll.policy import load_policy, pick_device
+    from roll.progress import progress_bar
+
+    check_config(config)
+    run_dir = Run(config.run)
+    version = run_dir.latest_policy_version() if config.version is None else config.version
+    policy_dir = run_dir.require_policy(version)
+    lo, hi = data_range(run_dir, version, config.data_versions)
+    todo = [u for u in units(run_dir, lo, hi, config.shard)
+            if config.force or not run_dir.ope_rows_path(version, u[0], u[1]).exists()
+            or run_dir.generation_of("ope", version, f"from-{u[0]:04d}-{u[1]}") != run_dir.generation_of("rollouts", u[0], u[1])]
+    started = time.perf_counter()
+    rows = 0
+    if todo:
+        model, _ = load_policy(policy_dir, pick_device(config.device))
+        with progress_bar(f"ope v{version} on {lo}..{hi}", len(todo), "files") as advance:
+            for data_version, name, path in todo:
+                table = weigh(model, run_dir, version, data_version, name, path, config.batch_size)
+                run_dir.commit_shard("ope", version, run_dir.ope_rows_path(version, data_version, name).name, table)
+                rows += table.num_rows
+                advance()
+    summary = summarise(run_dir, version, lo, hi, config.delta, config.lambda_rule)
+    out = {"run": str(run_dir.root), "version": version, "data_versions": [lo, hi], "rows_weighed": rows,
+           "seconds": round(time.perf_counter() - started, 3)}
+    if summary is None:
+        return {**out, "complete": False}
+    return {**out, "complete": True, **{k: v for k, v in summary.items() if k not in ("target_version",)}}
