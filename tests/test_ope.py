@@ -127,6 +127,11 @@ def test_ope_of_the_behaviour_policy_on_its_own_rows_recovers_its_reward(verifie
     again = json.loads(roll_cli("ope", "--run", run, "--version", 0, "--data-versions", "0..0").stdout)
     assert again["rows_weighed"] == 0 and again["ls_bound"] == second["ls_bound"]
     assert query(Run(run), "select count(*) from ope_summary").fetchall() == [(1,)]
+    # the bound against the truth as a figure: v0's own rows are its on-policy data (data lag 0)
+    roll_cli("report", "--run", run, "--out", run / "report")
+    png = (run / "report" / "ope.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "![ope](ope.png)" in (run / "report" / "summary.md").read_text()
 
 
 def test_bad_ope_input_is_one_line_and_exit_2(verified_run, tmp_path, run_dir):
