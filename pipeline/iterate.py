@@ -47,7 +47,7 @@ def run(config: IterateConfig) -> dict:
     from roll.policy import keep_loaded
     from roll.progress import progress_bar
     from roll.stages import evaluate, generate, score, train, verify
-    from roll.store import Run
+    from roll.store import Run, data_window
 
     if config.iterations < 1:
         raise RollError(f"--iterations {config.iterations}: must be at least 1")
@@ -77,7 +77,7 @@ def run(config: IterateConfig) -> dict:
             if version + 1 < committed:  # done, evaluated and collected before: its checkpoints may be gone (gc)
                 advance()
                 continue
-            lo, hi = train.data_window(version, trn.lag, trn.window)
+            lo, hi = data_window(version, trn.lag, trn.window)
             stages = {
                 "generate": lambda: generate.run(replace(gen, run=config.run, version=version)),
                 "verify": lambda: verify.run(verify.VerifyConfig(run=config.run, versions=tuple(range(lo, hi + 1)))),

@@ -38,7 +38,6 @@ def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
     versions = run.checkpoint_versions()
     if not versions:
         return {}
-    from roll.stages.verify import pending_shards
     from roll.store import Shard
 
     latest = versions[-1]
@@ -46,7 +45,7 @@ def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
     generated = set(run.versions("rollouts"))
     reasons: dict[int, str] = {}
     for version in versions:
-        unscored = version in generated and bool(pending_shards(run, "scores", [version], Shard(0, 1), False))
+        unscored = version in generated and bool(run.pending_shards("scores", [version], Shard(0, 1), False))
         if version == 0:
             reasons[version] = "v0 is π_ref and the run's start"
         elif version in versions[-keep:]:

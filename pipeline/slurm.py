@@ -22,7 +22,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from roll.stages.train import data_window
+from roll.store import data_window
 
 
 @dataclass(frozen=True)

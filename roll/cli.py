@@ -14,7 +14,6 @@ import click
 
 from roll.errors import RollError
 
-WARM_CHILD = False  # set in a child of `roll warm`: its command runs here, never forwarded again
 
 
 class RollGroup(click.Group):
@@ -613,18 +612,24 @@ def warm(socket_path):
     """
     from roll.warm import serve
 
-    serve(str(socket_path), ready=lambda: click.echo(f"roll: warm on {socket_path}", err=True))
+    # a child of `roll warm` runs its command here, never forwarded again (it would ask itself)
+    serve(str(socket_path), command=run_here, ready=lambda: click.echo(f"roll: warm on {socket_path}", err=True))
 
 
 def main():
     warm_socket = os.environ.get("ROLL_WARM")
-    # not inside a warm child (it would ask itself) nor a torchrun rank (torchrun must own its ranks)
-    if warm_socket and sys.argv[1:2] != ["warm"] and not WARM_CHILD and "LOCAL_RANK" not in os.environ:
+    # not `roll warm` itself, nor a torchrun rank (torchrun must own its ranks)
+    if warm_socket and sys.argv[1:2] != ["warm"] and "LOCAL_RANK" not in os.environ:
         from roll.warm import run_warm
 
         status = run_warm(warm_socket, sys.argv)
         if status is not None:
             sys.exit(status)
+    run_here()
+
+
+def run_here():
+    """Parse sys.argv and run the command in this process."""
     try:
         cli(prog_name="roll")
     except RollError as exc:  # raised outside a command (while parsing)

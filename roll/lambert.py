@@ -168,15 +168,13 @@ def group_advantages(rewards, objective: str, beta: float, beta1: float = 0.2, s
     """Advantages of one group's rewards under an objective of the registry (apo: V* from these rewards)."""
     import torch
 
-    from roll.errors import RollError
-    from roll.objectives import OBJECTIVES, ObjectiveConfig, soft_value
+    from roll.objectives import ObjectiveConfig, get_objective, soft_value
 
-    if objective not in OBJECTIVES:
-        raise RollError(f"unknown objective '{objective}' (choose from: {', '.join(OBJECTIVES)})")
+    entry = get_objective(objective)
     config = ObjectiveConfig(beta=beta, beta1=beta1, shift=shift)
     r = torch.tensor(rewards, dtype=torch.float64)
-    ref_value = soft_value(r, beta1) if objective == "apo" else None
-    return OBJECTIVES[objective].advantage(r, config, ref_value).numpy()
+    ref_value = soft_value(r, beta1) if entry.value == "version0" else None  # the group stands in for v0's samples
+    return entry.advantage(r, config, ref_value).numpy()
 
 
 def _numbers(text: str, what: str) -> list[float]:

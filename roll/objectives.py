@@ -148,23 +148,41 @@ class Objective:
     reduction: str  # "token" (loss is a token-mean) or "sequence" (a mean over completions)
     regression: bool  # a ratio-free regression objective (its Lambert target is meaningful)
     anchor: str  # "behaviour" or "ref": the policy Δ is measured against
+    # where the optimal value V* in the advantage comes from: None (the advantage needs none), or "version0":
+    # β₁·log mean e^{r/β₁} over version-0 samples of the same prompt (apo), generated once when missing
+    value: str | None = None
+    flat_group: str = ""  # what it does with a group whose rewards are all equal (said once per update)
+
+
+def get_objective(name: str) -> Objective:
+    """The registry's entry for `name`; the one place an unknown objective is refused."""
+    from roll.errors import RollError
+
+    if name not in OBJECTIVES:
+        raise RollError(f"unknown objective '{name}' (choose from: {', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name]
 
 
 def uses_reference(name: str, config: ObjectiveConfig) -> bool:
     """Whether objective `name` reads π_ref's log-probs: apo's anchor, or a KL-to-π_ref term."""
-    return OBJECTIVES[name].anchor == "ref" or (not OBJECTIVES[name].regression and config.kl_ref > 0)
+    objective = get_objective(name)
+    return objective.anchor == "ref" or (not objective.regression and config.kl_ref > 0)
 
 
 def _regression(anchor: str) -> Callable:
     return lambda batch, config: regression_loss(batch, config, anchor)
 
 
+NO_GRADIENT, PULL_ONLY = "no gradient (advantage 0)", "only the pull (β·Δ)² towards π_b (advantage 0)"
 OBJECTIVES: dict[str, Objective] = {
-    "ppo": Objective("ppo", group_std_advantage, ppo_loss, "token", False, "behaviour"),
-    "cispo": Objective("cispo", group_std_advantage, cispo_loss, "token", False, "behaviour"),
-    "pg": Objective("pg", mean_advantage, pg_loss, "token", False, "behaviour"),
-    "oapl": Objective("oapl", oapl_advantage, _regression("behaviour"), "sequence", True, "behaviour"),
-    "apo": Objective("apo", apo_advantage, _regression("ref"), "sequence", True, "ref"),
-    "pmd-mean": Objective("pmd-mean", mean_advantage, _regression("behaviour"), "sequence", True, "behaviour"),
-    "stable-pess": Objective("stable-pess", stable_pess_advantage, _regression("behaviour"), "sequence", True, "behaviour"),
+    "ppo": Objective("ppo", group_std_advantage, ppo_loss, "token", False, "behaviour", flat_group=NO_GRADIENT),
+    "cispo": Objective("cispo", group_std_advantage, cispo_loss, "token", False, "behaviour", flat_group=NO_GRADIENT),
+    "pg": Objective("pg", mean_advantage, pg_loss, "token", False, "behaviour", flat_group=NO_GRADIENT),
+    "oapl": Objective("oapl", oapl_advantage, _regression("behaviour"), "sequence", True, "behaviour", flat_group=PULL_ONLY),
+    "apo": Objective("apo", apo_advantage, _regression("ref"), "sequence", True, "ref", value="version0",
+                     flat_group="an advantage r − V* from version 0"),
+    "pmd-mean": Objective("pmd-mean", mean_advantage, _regression("behaviour"), "sequence", True, "behaviour",
+                          flat_group=PULL_ONLY),
+    "stable-pess": Objective("stable-pess", stable_pess_advantage, _regression("behaviour"), "sequence", True,
+                             "behaviour", flat_group="raises every sampled completion (advantage s·β)"),
 }

@@ -212,6 +212,24 @@ def teacher_forced_logprobs(model, prompt_ids: list[int], completion_ids: list[i
     return lp.gather(-1, torch.tensor(completion_ids, device=device)[:, None]).squeeze(-1).cpu()
 
 
+def score_rows(model, rows: list[dict], batch_size: int, top_p_override: float | None = None):
+    """Per-row teacher-forced log-prob lists, batched by length so little compute goes to padding."""
+    out: list[list[float] | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_token_ids"]) + len(rows[i]["token_ids"]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            # rows of one shard share their sampler settings; group by them anyway to stay correct
+            for key in {(rows[i]["temperature"], rows[i]["top_p"]) for i in batch}:
+                part = [i for i in batch if (rows[i]["temperature"], rows[i]["top_p"]) == key]
+                top_p = key[1] if top_p_override is None else top_p_override
+                lp, mask = completion_logprobs(model, [rows[i]["prompt_token_ids"] for i in part],
+                                               [rows[i]["token_ids"] for i in part], key[0], top_p)
+                for j, i in enumerate(part):
+                    out[i] = lp[j][mask[j]].tolist()
+    return out
+
+
 # Positions per chunk of the output head: a chunk's (B, chunk, V) logits, log-softmax and probabilities are
 # the largest tensors of a forward pass, so they are made and dropped one chunk at a time. Chosen so that at
 # a 152k vocabulary and B = 8 a chunk's logits are ~80 MB in float32.

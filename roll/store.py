@@ -139,6 +139,17 @@ OPTIMIZER_STATE = "optimizer.pt"
 MASTER_WEIGHTS = "master.safetensors"
 
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
+
+
+def shard_index(name: str) -> int:
+    """i of a partition shard's file name part-i-of-N; 0 for any other file (an extra)."""
+    match = _SHARD_RE.match(name)
+    return int(match.group(1)) if match else 0
+
+
+def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
+    """Behaviour versions [v − L − W + 1, v − L] read by update v → v+1, clamped at 0 (DESIGN §3.1)."""
+    return max(0, version - lag - window + 1), max(0, version - lag)
 # Supplementary files of a version outside its i-of-N partition (apo's version-0 samples of later prompts).
 _EXTRA_RE = re.compile(r"^extra-[A-Za-z0-9_.-]+\.parquet$")
 _VERSION_RE = re.compile(r"^version=(\d{4,})$")
@@ -468,6 +479,32 @@ class Run:
             if match:
                 found[Shard(int(match.group(1)), int(match.group(2)))] = path
         return found
+
+    def pending_shards(self, table: str, versions, shard: Shard, force: bool) -> list[tuple[int, str, Path]]:
+        """(version, file name, rollouts path) of rollout files whose mirror in `table` (verdicts, scores) is
+        missing or stale: redone when missing, forced, or made from rollouts since regenerated differently.
+
+        A partition shard part-i-of-N belongs to `--shard j/M` when i ≡ j (mod M); extra files go to j = 0."""
+        todo = []
+        for version in versions:
+            for name, path in self.files("rollouts", version).items():
+                if shard_index(name) % shard.count != shard.index:
+                    continue
+                mirror = self.version_dir(table, version) / name
+                if force or not mirror.exists() or self.generation_of(table, version, name) != self.generation_of("rollouts", version, name):
+                    todo.append((version, name, path))
+        return todo
+
+    def selected_versions(self, versions) -> list[int]:
+        """`versions` (every version with rollouts when None), each checked to have rollouts."""
+        have = self.versions("rollouts")
+        if versions is None:
+            return have
+        missing = [v for v in versions if v not in have]
+        if missing:
+            raise RollError(f"{self.root}: no rollouts for version(s) {', '.join(map(str, missing))} (have: "
+                            f"{', '.join(map(str, have)) or 'none'})")
+        return list(versions)
 
     def extra_path(self, table: str, version: int, tag: str) -> Path:
         return self.version_dir(table, version) / f"extra-{tag}.parquet"

@@ -202,8 +202,10 @@ def refuse_if_fork_is_poisoned() -> None:
                         "GPU; run the commands without ROLL_WARM")
 
 
-def serve(socket_path: str, ready=None) -> None:
-    """Accept commands on `socket_path` until SIGTERM or SIGINT; each runs in its own forked child."""
+def serve(socket_path: str, command, ready=None) -> None:
+    """Accept commands on `socket_path` until SIGTERM or SIGINT; each runs in its own forked child, which calls
+    `command()` (the CLI's entry point, passed in so that this module never imports the CLI) with the
+    request's argv, environment and working directory in place."""
     import selectors
 
     own_fingerprint = fingerprint(dict(os.environ))  # before the imports, which set variables of their own
@@ -248,7 +250,7 @@ def serve(socket_path: str, ready=None) -> None:
                         pass
                     continue
                 conn, _ = listener.accept()
-                pid = _accept(conn, own_fingerprint, set_by_imports, (listener, wake_read, wake_write))
+                pid = _accept(conn, own_fingerprint, set_by_imports, (listener, wake_read, wake_write), command)
                 if pid is not None:
                     children[pid] = conn
             _reap(children)
@@ -276,7 +278,7 @@ def _reap(children: dict) -> None:
             conn.close()
 
 
-def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, close_in_child) -> int | None:
+def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, close_in_child, command) -> int | None:
     """Read one request; fork a child for it. Returns the child's pid, or None if the request was refused."""
     fds = []
     try:
@@ -302,7 +304,7 @@ def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, clo
     if pid == 0:
         for sock in close_in_child:
             sock.close()
-        _child(conn, request, fds, set_by_imports)  # never returns
+        _child(conn, request, fds, set_by_imports, command)  # never returns
     for fd in fds:
         os.close(fd)
     conn.sendall(b"+")
@@ -310,7 +312,7 @@ def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, clo
     return pid
 
 
-def _child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: dict) -> None:
+def _child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: dict, command) -> None:
     import threading
 
     code = 1
@@ -341,10 +343,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: d
                     os.kill(os.getpid(), signum)
 
         threading.Thread(target=watch, daemon=True).start()
-        import roll.cli
-
-        roll.cli.WARM_CHILD = True
-        roll.cli.main()
+        command()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -51,23 +51,19 @@ def held_out_prompts(run: Run, dataset: str | None, tokenizer) -> tuple[str, lis
 
 def run(config: EvaluateConfig) -> dict:
     """Sample k completions per held-out prompt, verify them, commit per-sample rows, return the metrics."""
+    from dataclasses import replace
+
     import pyarrow as pa
 
+    from roll.datasets import MAX_NEW_TOKENS
     from roll.policy import check_context, encode_prompts, load_policy, pick_device
-    from roll.progress import progress_bar
-    from roll.sampling import completion_text, group_seeds, sample_batch, stop_token_ids
+    from roll.rollouts import sample_rollouts, warn_if_cut
+    from roll.runs import run_max_new_tokens
     from roll.store import SCHEMAS, read_table
     from roll.verifiers import make_verifier, verifier_for_task
 
     if config.k < 1:
         raise RollError(f"--k {config.k}: must be at least 1")
-    from dataclasses import replace
-
-    from roll.runs import run_max_new_tokens
-
-    from roll.datasets import MAX_NEW_TOKENS
-    from roll.stages.generate import warn_if_cut
-
     run_dir = Run(config.run)
     # a bundled dataset's own length (AIME needs more than the run's GSM8K), else the run's
     length = config.max_new_tokens or (MAX_NEW_TOKENS.get(config.dataset) if config.dataset else None)
@@ -87,26 +83,20 @@ def run(config: EvaluateConfig) -> dict:
     started = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
     check_context(model.config, prompt_ids, [r["prompt_id"] for r in rows], config.max_new_tokens)
-    per_batch = max(1, config.batch_size // config.k)
-    samples = []
-    with progress_bar(f"evaluate v{version} on {name}", len(rows) * config.k, "sequences") as advance:
-        for start in range(0, len(rows), per_batch):
-            batch = prompt_ids[start:start + per_batch]
-            seeds = group_seeds(config.seed, version, [r["prompt_id"] for r in rows[start:start + per_batch]], config.k)
-            samples += sample_batch(model, batch, max_new_tokens=config.max_new_tokens,
-                                    temperature=config.temperature, top_p=config.top_p,
-                                    eos_id=stop_token_ids(model.generation_config, tokenizer), pad_id=tokenizer.pad_token_id,
-                                    seeds=seeds, group_size=config.k)
-            advance(len(batch) * config.k)
-    completions = [completion_text(tokenizer, s) for s in samples]
-    warn_if_cut([s.finish_reason for s in samples], config.max_new_tokens)
+    # the rollouts' own sampler and row seeds (roll.rollouts), k completions per held-out prompt
+    sampled = sample_rollouts(model, tokenizer, version, [r["prompt_id"] for r in rows], prompt_ids, group_size=config.k,
+                              max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              top_p=config.top_p, seed=config.seed, batch_size=config.batch_size, backend="hf",
+                              description=f"evaluate v{version} on {name}")
+    completions, lengths = sampled.column("completion").to_pylist(), sampled.column("num_tokens").to_pylist()
+    warn_if_cut(sampled.column("finish_reason").to_pylist(), config.max_new_tokens)
     answers = [r["answer"] for r in rows for _ in range(config.k)]
     with make_verifier(verifier_for_task(rows[0]["task"]), timeout_s=config.timeout) as verifier:
         verdicts = verifier.verify_many(completions, answers)
     records = [{"policy_version": version, "dataset": name, "prompt_id": rows[i // config.k]["prompt_id"],
                 "sample_index": i % config.k, "correct": v.correct, "extracted_answer": v.extracted_answer,
-                "num_tokens": len(s.token_ids), "settings": json.dumps(settings, sort_keys=True)}
-               for i, (v, s) in enumerate(zip(verdicts, samples))]
+                "num_tokens": n, "settings": json.dumps(settings, sort_keys=True)}
+               for i, (v, n) in enumerate(zip(verdicts, lengths))]
     write_table(path, "evals", pa.Table.from_pylist(records, schema=SCHEMAS["evals"]))
     return {**summarise(records, config.k), "version": version, "dataset": name,
             "path": str(path), "skipped": False, "seconds": round(time.perf_counter() - started, 2)}

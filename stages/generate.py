@@ -9,7 +9,6 @@ actually drew from (temperature, then top-p) as `behaviour_logprobs`.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,45 +66,6 @@ def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int
     return chosen
 
 
-def sample_rollouts(model, tokenizer, version: int, prompt_ids: list[str], prompt_tokens: list[list[int]], *,
-                    group_size: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-                    batch_size: int, backend: str, description: str):
-    """Rollout rows (a pyarrow table) of `group_size` samples for each prompt, batched prompt-major."""
-    import pyarrow as pa
-
-    from roll.progress import progress_bar
-    from roll.sampling import completion_text, group_seeds, sample_batch, stop_token_ids
-    from roll.store import SCHEMAS
-
-    stops = stop_token_ids(model.generation_config, tokenizer)
-    prompts_per_batch = max(1, batch_size // group_size)
-    columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
-    with progress_bar(description, len(prompt_ids) * group_size, "sequences") as advance:
-        for start in range(0, len(prompt_ids), prompts_per_batch):
-            batch_ids = prompt_ids[start:start + prompts_per_batch]
-            batch_prompts = prompt_tokens[start:start + prompts_per_batch]
-            seeds = group_seeds(seed, version, batch_ids, group_size)
-            samples = sample_batch(model, batch_prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, eos_id=stops, pad_id=tokenizer.pad_token_id,
-                                   seeds=seeds, group_size=group_size)  # (prompts × G) rows, prompt-major
-            for row, sample in enumerate(samples):
-                prompt_index, sample_index = divmod(row, group_size)
-                values = {
-                    "policy_version": version, "prompt_id": batch_ids[prompt_index], "sample_index": sample_index,
-                    "completion": completion_text(tokenizer, sample),
-                    "prompt_token_ids": batch_prompts[prompt_index], "token_ids": sample.token_ids,
-                    "behaviour_logprobs": sample.logprobs, "num_tokens": len(sample.token_ids),
-                    "finish_reason": sample.finish_reason, "stop_token_id": sample.stop_token_id,
-                    "max_new_tokens": max_new_tokens,
-                    "temperature": temperature, "top_p": top_p,
-                    "seed": seeds[row], "backend": backend, "generation_id": "",  # stamped when committed
-                }
-                for name, value in values.items():
-                    columns[name].append(value)
-            advance(len(samples))
-    return pa.table(columns, schema=SCHEMAS["rollouts"])
-
-
 def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_ids: list[str], config: GenerateConfig,
                          seed: int):
     """The same rows from vLLM (GPU): weights from the version's checkpoint directory, sampler log-probs of
@@ -119,7 +79,6 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
 
     UNTESTED: no machine with a GPU and vLLM was available to this project's sessions so far.
     """
-    import pyarrow as pa
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     try:
@@ -128,8 +87,8 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     except ImportError:
         raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU") from None
     from roll.policy import check_context, checkpoint_dtype
-    from roll.sampling import prompt_seed, stop_token_ids
-    from roll.store import SCHEMAS
+    from roll.rollouts import prompt_tokens, rollout_row, rollout_table
+    from roll.sampling import Sample, prompt_seed, stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     encoded = prompt_tokens(run_dir.read_prompts(), tokenizer, prompt_ids)
@@ -145,45 +104,22 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
                              max_tokens=config.max_new_tokens, logprobs=0, stop_token_ids=stops,
                              seed=prompt_seed(seed, version, pid)) for pid in prompt_ids]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
-    columns: dict[str, list] = {name: [] for name in SCHEMAS["rollouts"].names}
+    rows = []
     for pid, ids, output in zip(prompt_ids, encoded, outputs):
         for sample_index, completion in enumerate(output.outputs):
             tokens = list(completion.token_ids)
-            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
-            values = {"policy_version": version, "prompt_id": pid, "sample_index": sample_index,
-                      "completion": completion.text, "prompt_token_ids": ids, "token_ids": tokens,
-                      "behaviour_logprobs": logprobs, "num_tokens": len(tokens),
-                      "finish_reason": "stop" if completion.finish_reason == "stop" else "length",
-                      "stop_token_id": tokens[-1] if completion.finish_reason == "stop" and tokens else None,
-                      "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                      "top_p": config.top_p, "seed": prompt_seed(seed, version, pid) + sample_index,
-                      "backend": "vllm", "generation_id": ""}
-            for name, value in values.items():
-                columns[name].append(value)
-    return pa.table(columns, schema=SCHEMAS["rollouts"])
-
-
-def warn_if_cut(finish_reasons: list[str], max_new_tokens: int) -> None:
-    """One line when more than a fifth of the completions hit the length limit: they end unfinished and
-    mostly score 0, which looks like a weak policy rather than a short limit."""
-    cut = sum(1 for reason in finish_reasons if reason == "length")
-    if finish_reasons and cut / len(finish_reasons) > 0.2:
-        print(f"roll: {cut} of {len(finish_reasons)} completions ({100 * cut / len(finish_reasons):.0f}%) reached "
-              f"--max-new-tokens {max_new_tokens} unfinished; raise it if the task's answers are longer", file=sys.stderr)
-
-
-def prompt_tokens(prompts, tokenizer, prompt_ids: list[str]) -> list[list[int]]:
-    """Token ids of the prompts `prompt_ids`, in order, from a run's prompts table."""
-    from roll.policy import encode_prompts
-
-    by_id = {pid: i for i, pid in enumerate(prompts.column("prompt_id").to_pylist())}
-    texts, metadata = prompts.column("prompt").to_pylist(), prompts.column("metadata").to_pylist()
-    return encode_prompts(tokenizer, [texts[by_id[pid]] for pid in prompt_ids], [metadata[by_id[pid]] for pid in prompt_ids])
+            stopped = completion.finish_reason == "stop" and bool(tokens)
+            sample = Sample(tokens, [step[token].logprob for step, token in zip(completion.logprobs, tokens)],
+                            "stop" if stopped else "length", tokens[-1] if stopped else None)
+            rows.append(rollout_row(version, pid, sample_index, ids, sample, completion.text, config.max_new_tokens,
+                                    config.temperature, config.top_p, prompt_seed(seed, version, pid) + sample_index, "vllm"))
+    return rollout_table(rows)
 
 
 def run(config: GenerateConfig) -> dict:
     """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
     from roll.policy import check_context, load_policy, pick_device
+    from roll.rollouts import prompt_tokens, sample_rollouts, warn_if_cut
 
     from dataclasses import replace
 

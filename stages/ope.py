@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.store import Run, Shard
+from roll.store import Run, Shard, shard_index
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ def units(run_dir: Run, lo: int, hi: int, shard: Shard) -> list[tuple[int, str, 
     out = []
     for data_version in range(lo, hi + 1):
         for name, path in run_dir.files("rollouts", data_version).items():
-            index = int(name[5:10]) if name.startswith("part-") else 0
-            if index % shard.count != shard.index:
+            if shard_index(name) % shard.count != shard.index:
                 continue
             verdicts = run_dir.version_dir("verdicts", data_version) / name
             generation = run_dir.generation_of("rollouts", data_version, name)
@@ -81,7 +80,7 @@ def weigh(model, run_dir: Run, version: int, data_version: int, name: str, path:
     """The `ope` rows of one rollout file: log-weights of its completions under `model` (policy `version`)."""
     import pyarrow as pa
 
-    from roll.stages.score import score_rows
+    from roll.sampling import score_rows
     from roll.store import SCHEMAS, read_table
 
     rollouts = read_table(path, "rollouts").to_pylist()

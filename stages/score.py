@@ -30,28 +30,6 @@ class ScoreConfig:
     force: bool = False  # re-score committed shards
 
 
-def score_rows(model, rows: list[dict], batch_size: int, top_p_override: float | None = None):
-    """Per-row teacher-forced log-prob lists, batched by length so little compute goes to padding."""
-    import torch
-
-    from roll.sampling import completion_logprobs
-
-    out: list[list[float] | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_token_ids"]) + len(rows[i]["token_ids"]))
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            # rows of one shard share their sampler settings; group by them anyway to stay correct
-            for key in {(rows[i]["temperature"], rows[i]["top_p"]) for i in batch}:
-                part = [i for i in batch if (rows[i]["temperature"], rows[i]["top_p"]) == key]
-                top_p = key[1] if top_p_override is None else top_p_override
-                lp, mask = completion_logprobs(model, [rows[i]["prompt_token_ids"] for i in part],
-                                               [rows[i]["token_ids"] for i in part], key[0], top_p)
-                for j, i in enumerate(part):
-                    out[i] = lp[j][mask[j]].tolist()
-    return out
-
-
 def group_stats(verdicts) -> dict[str, tuple[int, float, float]]:
     """prompt_id → (group size, mean reward, population std of reward)."""
     import statistics
@@ -70,11 +48,11 @@ def run(config: ScoreConfig) -> dict:
 
     from roll.policy import load_policy, pick_device
     from roll.progress import progress_bar
-    from roll.stages.verify import pending_shards, selected_versions
+    from roll.sampling import score_rows
     from roll.store import SCHEMAS, read_table
 
     run_dir = Run(config.run)
-    todo = pending_shards(run_dir, "scores", selected_versions(run_dir, config.versions), config.shard, config.force)
+    todo = run_dir.pending_shards("scores", run_dir.selected_versions(config.versions), config.shard, config.force)
     summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "mismatch_max_abs": 0.0}
     if not todo:
         return summary

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.objectives import OBJECTIVES, ObjectiveConfig, uses_reference
-from roll.store import Run
+from roll.objectives import ObjectiveConfig, get_objective, uses_reference
+from roll.store import Run, data_window
 from roll.window import Window
 
 
@@ -37,7 +37,7 @@ MIN_TEMPERATURE = 1e-8  # the Lambert solve is checked down to β = 1e-8 (tests/
 @dataclass(frozen=True)
 class TrainConfig:
     run: Path  # run directory
-    objective: str = "stable-pess"  # one of roll.objectives.OBJECTIVES
+    objective: str = "stable-pess"  # a name of roll.objectives.OBJECTIVES
     version: int | None = None  # policy version to update; None = the latest committed
     lag: int = 0  # L: update v → v+1 reads behaviour versions up to v − L
     window: int = 1  # W: … and the W versions ending there
@@ -69,8 +69,7 @@ class TrainConfig:
 
 
 def check_config(config: TrainConfig) -> None:
-    if config.objective not in OBJECTIVES:
-        raise RollError(f"unknown objective '{config.objective}' (choose from: {', '.join(OBJECTIVES)})")
+    get_objective(config.objective)
     for name in ("beta", "beta1", "lr"):
         if not getattr(config, name) > 0:
             raise RollError(f"--{name} {getattr(config, name)}: must be > 0")
@@ -86,34 +85,6 @@ def check_config(config: TrainConfig) -> None:
         raise RollError("--epochs, --mini-batch and --micro-batch must be at least 1")
     if config.adv_norm not in ("std", "none"):
         raise RollError(f"--adv-norm '{config.adv_norm}': choose std or none")
-
-
-def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
-    """Behaviour versions [v − L − W + 1, v − L] read by update v → v+1, clamped at 0 (DESIGN §3.1)."""
-    return max(0, version - lag - window + 1), max(0, version - lag)
-
-
-def prepare(run: Run, versions: list[int], ref: bool = True) -> None:
-    """Verify and score the selected versions that lack verdicts or scores, saying so in one line each.
-
-    With `ref`, scores must hold π_ref's log-probs: versions scored without them (`--no-ref`) are re-scored.
-    """
-    from roll.stages import score, verify
-    from roll.store import Shard, named_query
-
-    for table, stage, config in (("verdicts", verify, verify.VerifyConfig), ("scores", score, score.ScoreConfig)):
-        todo = sorted({v for v, _, _ in verify.pending_shards(run, table, versions, Shard(0, 1), False)})
-        if todo:
-            print(f"roll: {table} missing for version(s) {', '.join(map(str, todo))}; running {stage.__name__.split('.')[-1]}",
-                  file=sys.stderr)
-            extra = {"ref": ref} if stage is score else {}
-            stage.run(config(run=run.root, versions=tuple(todo), **extra))
-    if ref:
-        lacking = [r["policy_version"] for r in named_query(run, "versions_without_ref", versions=versions)]
-        if lacking:
-            print(f"roll: scores of version(s) {', '.join(map(str, lacking))} have no π_ref log-probs; re-scoring",
-                  file=sys.stderr)
-            score.run(score.ScoreConfig(run=run.root, versions=tuple(lacking), ref=True, force=True))
 
 
 def load_rows(run: Run, lo: int, hi: int) -> Window:
@@ -232,18 +203,12 @@ def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[
                         f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
                         f"run `roll generate --version {hi}`)")
     if dist.is_main:  # π_ref's forward pass only when the objective reads it
+        from roll.pipeline.prepare import prepare
+
         prepare(run_dir, data_versions, ref=uses_reference(config.objective, config.objective_config()))
     dist.barrier()  # every rank reads the same committed verdicts and scores
     rows = load_rows(run_dir, lo, hi)
     return check_groups(rows, config, dist), data_versions
-
-
-# What an objective does with a group whose rewards are all equal (or a group of one sample).
-FLAT_GROUPS = {
-    "ppo": "no gradient (advantage 0)", "cispo": "no gradient (advantage 0)", "pg": "no gradient (advantage 0)",
-    "oapl": "only the pull (β·Δ)² towards π_b (advantage 0)", "pmd-mean": "only the pull (β·Δ)² towards π_b (advantage 0)",
-    "stable-pess": "raises every sampled completion (advantage s·β)", "apo": "an advantage r − V* from version 0",
-}
 
 
 def check_groups(rows: Window, config: TrainConfig, dist) -> Window:
@@ -258,7 +223,7 @@ def check_groups(rows: Window, config: TrainConfig, dist) -> Window:
         singles = sum(1 for members in flat if len(members) < 2)
         what = f"{len(flat)} of {len(groups)} groups ({100 * len(flat) / len(groups):.0f}%)"
         kind = f"have one sample ({singles}) or no reward spread" if singles else "have no reward spread"
-        action = "left out (--drop-zero-variance)" if config.drop_zero_variance else f"{config.objective}: {FLAT_GROUPS[config.objective]}"
+        action = "left out (--drop-zero-variance)" if config.drop_zero_variance else f"{config.objective}: {get_objective(config.objective).flat_group}"
         print(f"roll: {what} {kind}; {action}", file=sys.stderr)
     if not config.drop_zero_variance or not flat:
         return rows
@@ -278,12 +243,12 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
 
     from roll import lambert
 
-    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
+    objective, ocfg = get_objective(config.objective), config.objective_config()
     ref_values = {}
-    if config.objective == "apo" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
+    if objective.value == "version0" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
         ref_values = reference_values(run_dir, rows, config)
     dist.barrier()
-    if config.objective == "apo" and not dist.is_main:
+    if objective.value == "version0" and not dist.is_main:
         ref_values = reference_values(run_dir, rows, config)
     advantages = torch.zeros(len(rows), dtype=torch.float64)
     records = []
@@ -423,7 +388,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     from roll.progress import progress_bar
     from roll.sampling import completion_logprobs
 
-    objective, ocfg = OBJECTIVES[config.objective], config.objective_config()
+    objective, ocfg = get_objective(config.objective), config.objective_config()
     device = next(model.parameters()).device
     model.train()
     torch.manual_seed(config.seed)
@@ -546,7 +511,8 @@ def padded(lists: list[list[float]], mask):
 
 
 def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, float]:
-    """apo's V* per prompt: β₁·log mean e^{r/β₁} over the prompt's version-0 samples.
+    """V* per prompt for an objective whose value comes from version 0 (the registry's `value`, apo's):
+    β₁·log mean e^{r/β₁} over the prompt's version-0 samples.
 
     Prompts of later versions have no version-0 samples yet: they are generated from v0 with the same
     sampler settings and group size, stored as version-0 rollouts (file extra-apo-vNNNN), verified and
@@ -561,7 +527,8 @@ def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, f
     found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
     missing = sorted(set(prompt_ids) - {record["prompt_id"] for record in found})
     if missing:
-        supplement_version0(run, missing, rows, tag=f"apo-v{rows[0]['policy_version']:04d}-{len(missing)}")
+        supplement_version0(run, missing, rows, tag=f"{config.objective}-v{rows[0]['policy_version']:04d}-{len(missing)}",
+                            objective=config.objective)
         found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
     rewards: dict[str, list[float]] = {}
     for record in found:
@@ -569,18 +536,20 @@ def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, f
     return {pid: float(soft_value(torch.tensor(r, dtype=torch.float64), config.beta1)) for pid, r in rewards.items()}
 
 
-def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str) -> None:
+def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str, objective: str) -> None:
     """Sample version-0 completions for `prompt_ids` with the sampler settings of `rows`; verify and score them."""
     from roll.policy import load_policy, pick_device
-    from roll.stages.generate import prompt_tokens, sample_rollouts
+    from roll.rollouts import prompt_tokens, sample_rollouts
 
-    print(f"roll: apo needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
+    print(f"roll: {objective} needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
     group = max(Counter(zip(rows.scalars["policy_version"], rows.scalars["prompt_id"])).values())
     model, tokenizer = load_policy(run.policy_dir(0), pick_device("auto"))
     table = sample_rollouts(model, tokenizer, 0, prompt_ids, prompt_tokens(run.read_prompts(), tokenizer, prompt_ids),
                             group_size=group, max_new_tokens=rows[0]["max_new_tokens"],
                             temperature=rows[0]["temperature"], top_p=rows[0]["top_p"],
                             seed=int(hashlib.sha256(tag.encode()).hexdigest()[:12], 16), batch_size=256, backend="hf",
-                            description="generate v0 for apo")
+                            description=f"generate v0 for {objective}")
     run.commit_shard("rollouts", 0, run.extra_path("rollouts", 0, tag).name, table)
+    from roll.pipeline.prepare import prepare
+
     prepare(run, [0])

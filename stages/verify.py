@@ -27,35 +27,6 @@ class VerifyConfig:
     force: bool = False  # re-verify committed shards
 
 
-def pending_shards(run: Run, table: str, versions, shard: Shard, force: bool) -> list[tuple[int, str, Path]]:
-    """(version, file name, rollouts path) of rollout files whose mirror in `table` is missing or stale.
-
-    A partition shard part-i-of-N belongs to `--shard j/M` when i ≡ j (mod M); extra files go to j = 0.
-    """
-    todo = []
-    for version in versions:
-        for name, path in run.files("rollouts", version).items():
-            index = int(name[5:10]) if name.startswith("part-") else 0
-            if index % shard.count != shard.index:
-                continue
-            mirror = run.version_dir(table, version) / name
-            # redone when missing, forced, or made from rollouts that have since been regenerated differently
-            if force or not mirror.exists() or run.generation_of(table, version, name) != run.generation_of("rollouts", version, name):
-                todo.append((version, name, path))
-    return todo
-
-
-def selected_versions(run: Run, versions) -> list[int]:
-    have = run.versions("rollouts")
-    if versions is None:
-        return have
-    missing = [v for v in versions if v not in have]
-    if missing:
-        raise RollError(f"{run.root}: no rollouts for version(s) {', '.join(map(str, missing))} (have: "
-                        f"{', '.join(map(str, have)) or 'none'})")
-    return list(versions)
-
-
 def run(config: VerifyConfig) -> dict:
     """Verify every pending rollout shard; returns rows, accuracy, errors and seconds."""
     import pyarrow as pa
@@ -65,7 +36,7 @@ def run(config: VerifyConfig) -> dict:
     from roll.verifiers import make_verifier, verifier_for_task
 
     run_dir = Run(config.run)
-    todo = pending_shards(run_dir, "verdicts", selected_versions(run_dir, config.versions), config.shard, config.force)
+    todo = run_dir.pending_shards("verdicts", run_dir.selected_versions(config.versions), config.shard, config.force)
     summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "correct": 0, "errors": 0}
     if not todo:
         return summary

@@ -58,7 +58,7 @@ def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
     import pyarrow.parquet as pq
 
     from roll.stages.generate import GenerateConfig, run as generate
-    from roll.stages.train import prepare
+    from roll.pipeline.prepare import prepare
     from roll.store import Run, Shard, write_table
 
     generate(GenerateConfig(run=run_dir, prompts=prompts, group_size=group_size, max_new_tokens=max_new_tokens))

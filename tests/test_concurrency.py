@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from roll.stages.generate import GenerateConfig, run as generate
-from roll.stages.train import prepare
+from roll.pipeline.prepare import prepare
 from roll.store import Run, query
 
 from conftest import roll_cli

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from roll.stages.generate import GenerateConfig, run as generate
-from roll.stages.train import prepare
+from roll.pipeline.prepare import prepare
 from roll.store import Run, Shard, write_table
 
 from conftest import fixed_data_run, roll_cli

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from roll.stages.generate import GenerateConfig, run as generate
-from roll.stages.train import prepare
+from roll.pipeline.prepare import prepare
 from roll.store import Run, Shard, query, write_table
 
 from conftest import roll_cli

@@ -116,7 +116,7 @@ def test_train_on_the_default_model_reads_lagged_data(run_dir):
 
 
 def test_score_without_ref_then_an_objective_that_reads_ref_rescores(run_dir, capfd):
-    from roll.stages.train import prepare
+    from roll.pipeline.prepare import prepare
 
     generate(GenerateConfig(run=run_dir, prompts=3, group_size=2, max_new_tokens=8))
     verify(VerifyConfig(run=run_dir))

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from roll.objectives import OBJECTIVES
 from roll.stages.generate import GenerateConfig, run as generate
-from roll.stages.train import TrainConfig, data_window, run as train
+from roll.stages.train import TrainConfig, run as train
+from roll.store import data_window
 from roll.store import Run, query
 
 from conftest import fixed_data_run, roll_cli, wait_for

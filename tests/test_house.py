@@ -1,0 +1,96 @@
+"""The house rules of docs/design.md that code review alone would let slip: no import circle (module-level or
+inside functions), no stage importing another stage, Slurm rendering importing no stage, no module writing
+another module's globals, every "DESIGN §" reference pointing at a section of docs/design.md."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"roll": ROOT / "roll", "roll.stages": ROOT / "stages", "roll.pipeline": ROOT / "pipeline"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package, directory in PACKAGES.items():
+        for path in directory.glob("*.py"):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every roll module `name` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # a submodule imported by name
+    return {m for m in found if m in known and m != name and m not in PACKAGES}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(name, path, set(known)) for name, path in known.items()}
+
+
+def test_no_import_circle():
+    edges = graph()
+    circles = []
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(edges[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo.extend(edges.get(node, ()))
+        return seen
+
+    for name in edges:
+        if name in reach(name):
+            circles.append(name)
+    assert circles == [], f"modules on an import circle: {circles}"
+
+
+def test_no_stage_imports_another_and_slurm_imports_none():
+    edges = graph()
+    for name, targets in edges.items():
+        if name.startswith("roll.stages."):
+            assert not {t for t in targets if t.startswith("roll.stages.")}, (name, targets)
+    assert not {t for t in edges["roll.pipeline.slurm"] if t.startswith("roll.stages.")}
+
+
+def test_no_module_writes_another_modules_globals():
+    known = set(modules())
+    offenders = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in known:
+                        aliases[alias.asname or alias.name] = alias.name
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" in known:
+                        aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Attribute) and ast.unparse(target.value) in aliases | {m: m for m in known}:
+                    offenders.append(f"{name}: {ast.unparse(target)}")
+    assert offenders == []
+
+
+def test_every_design_reference_points_at_a_section_of_docs_design():
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)?[a-z]?)[. ]", design, flags=re.M))
+    cited = set()
+    for path in [*ROOT.glob("*.md"), *(p for d in ("roll", "stages", "pipeline", "tests", "bench") for p in (ROOT / d).rglob("*.py"))]:
+        cited.update(re.findall(r"DESIGN §(\d+(?:\.\d+)?[a-z]?)", path.read_text()))
+    assert cited, "no references found: the pattern is wrong"
+    assert cited <= sections, f"cited but not in docs/design.md: {sorted(cited - sections)}"
