@@ -20,7 +20,7 @@ import math
 import re
 from pathlib import Path
 
-from roll.store import Run
+from roll.store import Run, relation_arrow
 
 CELL = re.compile(r"^(?P<objective>[a-z-]+?)-(?P<staleness>(lag|sync)\d+(-fresh)?)-seed(?P<seed>\d+)$")
 # two-sided 95 % Student t quantiles by degrees of freedom (seeds − 1)
@@ -58,11 +58,6 @@ def interval(values: list[float]) -> str:
     return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
-def arrow(relation):
-    """A DuckDB relation's rows as a pyarrow table (the method's name changed in DuckDB 2)."""
-    return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
-
-
 def collect(grid: Path):
     import pyarrow as pa
 
@@ -74,10 +69,10 @@ def collect(grid: Path):
         cell = {"cell": path.name, "objective": match["objective"], "staleness": match["staleness"],
                 "seed": int(match["seed"])}
         con = Run(path).connect(tables={"evals", "steps", "groups", "rollouts"})
-        rows = arrow(con.sql(EVALS)).to_pylist()
+        rows = relation_arrow(con.sql(EVALS)).to_pylist()
         evals += [{**cell, **row} for row in rows]
-        steps += [{**cell, **row} for row in arrow(con.sql("SELECT * FROM steps ORDER BY global_step")).to_pylist()]
-        group_table = arrow(con.sql("SELECT * FROM groups ORDER BY policy_version, data_version, prompt_id"))
+        steps += [{**cell, **row} for row in relation_arrow(con.sql("SELECT * FROM steps ORDER BY global_step")).to_pylist()]
+        group_table = relation_arrow(con.sql("SELECT * FROM groups ORDER BY policy_version, data_version, prompt_id"))
         for name in ("cell", "objective", "staleness"):
             group_table = group_table.append_column(name, pa.array([cell[name]] * group_table.num_rows))
         groups.append(group_table.append_column("seed", pa.array([cell["seed"]] * group_table.num_rows, pa.int64())))

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from roll.options import option
 from roll.stages.generate import GenerateConfig
 from roll.stages.train import TrainConfig
 
@@ -24,15 +25,17 @@ from roll.stages.train import TrainConfig
 @dataclass(frozen=True)
 class IterateConfig:
     run: Path  # run directory
-    iterations: int = 20  # updates to reach: the run ends at policy version `iterations`
-    eval_every: int = 5  # evaluate every E versions (v0 included) and the last; 0 = never
-    eval_k: int = 4  # samples per held-out prompt
-    eval_limit: int | None = None  # held-out prompts per evaluation; None = all
-    sync_interval: int = 1  # S: each version samples S × prompts once; its update takes S steps on them
-    keep_policies: int | None = None  # delete checkpoints nothing needs, keeping v0, evaluated and the latest N
+    iterations: int = option(20, "Updates to reach (the run ends at policy version N).", group="loop")
+    eval_every: int = option(5, "Evaluate every E versions (v0 included) and the last; 0 = never.", group="loop")
+    eval_k: int = option(4, "Samples per held-out prompt.", group="loop")
+    eval_limit: int | None = option(None, "Held-out prompts per evaluation. [default: all]", group="loop",
+                                    show_default=False)
+    sync_interval: int = option(1, "S: each version samples S x --prompts prompts once and its update takes S optimiser "
+                                   "steps on them.")
+    keep_policies: int | None = option(None, "Delete checkpoints nothing needs after each iteration, keeping v0, evaluated "
+                                             "and the latest N. [default: keep all]", show_default=False)
     generate: GenerateConfig = field(default=None)  # sampling settings (version is set per iteration)
     train: TrainConfig = field(default=None)  # objective and optimiser settings (version set per iteration)
-
 
 def run(config: IterateConfig) -> dict:
     """Run the loop; returns the versions reached, the evaluations, per-iteration stage times and wall time.

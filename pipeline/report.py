@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.store import Run
+from roll.options import option
+from roll.store import Run, rows
 
 QUERIES = {
     # the optimiser steps behind version v: every step of the updates that produced versions 1…v
@@ -41,18 +42,13 @@ REGIMES = ("pessimistic", "boundary", "optimistic", "optimistic-no-solution", "n
 
 @dataclass(frozen=True)
 class ReportConfig:
-    runs: tuple[Path, ...]  # run directories to compare
-    out: Path  # directory for the PNGs and summary.md
-
-
-def _rows(run: Run, name: str) -> list[dict]:
-    cursor = run.connect().execute(QUERIES[name])
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    runs: tuple[Path, ...] = option((), "Run directory to include (repeatable). [default: $ROLL_RUN, else ./runs/default]",
+                                    flag="--run", repeatable=True, show_default=False)
+    out: Path = option(Path("report"), "Directory for the PNGs and summary.md.")
 
 
 def collect(run: Run) -> dict:
-    data = {name: _rows(run, name) for name in QUERIES}
+    data = {name: rows(run, sql) for name, sql in QUERIES.items()}
     cumulative, total = {}, 0
     for row in data["samples"]:
         total += row["samples"]

@@ -20,18 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
+from roll.options import option
 from roll.store import Run
 
 
 @dataclass(frozen=True)
 class GcConfig:
     run: Path  # run directory
-    keep: int = 3  # N: the latest N policy versions are kept
-    lag: int = 0  # L of the updates still to come (their lag windows keep unscored versions)
-    window: int = 1  # W of the updates still to come
-    versions: tuple[int, ...] = ()  # delete exactly these (refused if one is still needed); () = all unneeded
-    dry_run: bool = False  # say what would be deleted, delete nothing
-
+    keep: int = option(3, "Keep the latest N policy versions.")
+    lag: int = option(0, "L of the updates still to come: unscored versions in their window are kept.")
+    window: int = option(1, "W of the updates still to come.")
+    versions: tuple[int, ...] = option((), "Delete exactly this version (repeatable); refused if it is still needed. "
+                                           "[default: every unneeded one]", flag="--version", repeatable=True,
+                                       show_default=False)
+    dry_run: bool = option(False, "Say what would be deleted; delete nothing.")
 
 def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
     """Policy versions on disk that must stay, each with the first reason why."""

@@ -22,25 +22,25 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from roll.options import option
 from roll.store import data_window
 
 
 @dataclass(frozen=True)
 class SlurmConfig:
     run: Path  # run directory (must be on a filesystem every node sees)
-    iterations: int = 1  # updates to render: versions start … start+iterations−1 are trained
-    start: int = 0  # first policy version to train from
-    array_size: int = 4  # S: tasks per generate/verify/score array
-    gpus_per_train: int = 0  # P: GPUs (torchrun processes) for train; 0 = one CPU process
-    partition: str | None = None  # sbatch --partition
-    account: str | None = None  # sbatch --account
-    time_limit: str = "01:00:00"  # sbatch --time per job
-    lag: int = 0  # L, as in roll train
-    window: int = 1  # W, as in roll train
-    generate_args: str = ""  # extra options for roll generate (e.g. "--prompts 128 --group-size 8")
-    train_args: str = ""  # extra options for roll train (e.g. "--objective stable-pess --beta 0.1")
-    roll: str = "roll"  # how to call roll on the nodes (e.g. "/path/venv/bin/roll")
-
+    iterations: int = option(1, "Updates to render: versions start … start+iterations−1 are trained.")
+    start: int = option(0, "First policy version to train from.")
+    array_size: int = option(4, "S: tasks per generate/verify/score job array.")
+    gpus_per_train: int = option(0, "P: GPUs (torchrun processes) for train; 0 = one CPU process.")
+    partition: str | None = option(None, "sbatch --partition.", show_default=False)
+    account: str | None = option(None, "sbatch --account.", show_default=False)
+    time_limit: str = option("01:00:00", "sbatch --time for every job.")
+    lag: int = option(0, "L: train v reads data up to v - L, so generation overlaps training.")
+    window: int = option(1, "W: behaviour versions per update.")
+    generate_args: str = option("", "Extra options for roll generate, e.g. '--prompts 128'.")
+    train_args: str = option("", "Extra options for roll train, e.g. '--objective ppo'.")
+    roll: str = option("roll", "How the nodes call roll (e.g. a venv's bin/roll).", flag="--roll")
 
 def _header(config: SlurmConfig, name: str, array: bool) -> list[str]:
     # quoted where needed: sbatch splits an #SBATCH line at spaces unless quoted (a run path with a space)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from roll.options import option
 from roll.pipeline.iterate import IterateConfig
 from roll.stages.generate import GenerateConfig
 from roll.stages.train import TrainConfig
@@ -16,14 +17,13 @@ from roll.stages.train import TrainConfig
 
 @dataclass(frozen=True)
 class SweepConfig:
-    out: Path  # parent directory of the runs (and of report/)
-    objectives: tuple[str, ...] = ("ppo", "pg", "oapl", "pmd-mean", "stable-pess")
-    lags: tuple[int, ...] = (0, 2, 4, 8)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    out: Path = option(Path("runs/sweep"), "Parent directory of the runs (and of report/).")
+    objectives: tuple[str, ...] = option(("ppo", "pg", "oapl", "pmd-mean", "stable-pess"), "Comma-separated objectives.")
+    lags: tuple[int, ...] = option((0, 2, 4, 8), "Comma-separated lags L.")
+    seeds: tuple[int, ...] = option((0, 1, 2), "Comma-separated seeds.")
     iterate: IterateConfig | None = None  # the loop's settings; run, seed, objective and lag are set per cell
-    model: str | None = None  # checkpoint for v0 (None = the embedded default)
+    model: str | None = option(None, "Checkpoint for v0. [default: the embedded model]", show_default=False)
     task: str = "arith"
-
 
 def cell_name(objective: str, lag: int, seed: int) -> str:
     return f"{objective}-lag{lag}-seed{seed}"

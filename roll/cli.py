@@ -1,6 +1,8 @@
 """The `roll` command line. Each command parses options into a stage's frozen config and calls its `run`.
 
-Heavy libraries (torch, transformers, duckdb) are imported inside the commands, so `roll --help` is quick.
+Every option is generated from a field of the stage's config dataclass (roll/options.py), which holds its
+default and help once. Heavy libraries (torch, transformers, duckdb) are imported inside the commands and
+stages, so `roll --help` is quick.
 """
 from __future__ import annotations
 
@@ -13,6 +15,20 @@ from pathlib import Path
 import click
 
 from roll.errors import RollError
+from roll.options import config_options, config_values
+from roll.pipeline.iterate import IterateConfig
+from roll.pipeline.report import ReportConfig
+from roll.pipeline.retention import GcConfig
+from roll.pipeline.slurm import SlurmConfig
+from roll.pipeline.sweep import SweepConfig
+from roll.runs import InitConfig
+from roll.stages.evaluate import EvaluateConfig
+from roll.stages.generate import GenerateConfig
+from roll.stages.ope import OpeConfig
+from roll.stages.score import ScoreConfig
+from roll.stages.train import TrainConfig
+from roll.stages.verify import VerifyConfig
+from roll.warmstart import WarmstartConfig
 
 
 
@@ -37,20 +53,6 @@ def run_option(f):
     return click.option("--run", "run_path", type=click.Path(path_type=Path), default=None,
                         help="Run directory. [default: $ROLL_RUN, else ./runs/default; created from the "
                              "embedded default if missing]")(f)
-
-
-def shard_option(f):
-    return click.option("--shard", default="0/1", show_default=True,
-                        help="This process's part i/N of the version's prompts (a Slurm array task).")(f)
-
-
-def seed_option(f):
-    return click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")(f)
-
-
-def version_option(f):
-    return click.option("--version", "version", type=int, default=None,
-                        help="Policy version to use. [default: the latest committed]")(f)
 
 
 def json_safe(value):
@@ -84,34 +86,22 @@ def cli():
 
 @cli.command()
 @run_option
-@click.option("--task", default="arith", help="Built-in task name, or a .jsonl/.parquet file with prompt and answer columns.")
-@click.option("--model", default=None, help="Checkpoint directory (or hub id) of a causal LM. [default: the embedded model]")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
-              help="Weights' dtype, kept by every commit (auto: the checkpoint's own). bf16 trains with fp32 master weights.")
-@seed_option
-def init(run_path, task, model, seed, dtype):
+@config_options(InitConfig)
+def init(run_path, **values):
     """Create a run: the prompts table, policy v0000 and run.toml.
 
     \b
     Example:
       roll init --run runs/exp1 --task arith
     """
-    from roll.runs import InitConfig, default_run_path, init_run
+    from roll.runs import default_run_path, init_run
 
-    print_summary(init_run(InitConfig(run=run_path or default_run_path(), task=task, model=model, seed=seed, dtype=dtype)))
+    print_summary(init_run(InitConfig(run=run_path or default_run_path(), **config_values(InitConfig, values))))
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to save the checkpoint. [default: the package's data/default_model]")
-@seed_option
-@click.option("--steps", default=3000, help="Most supervised steps to take.")
-@click.option("--batch-size", default=64, help="Solved examples per step.")
-@click.option("--lr", default=1e-3, help="AdamW learning rate.")
-@click.option("--eval-every", default=100, help="Measure sampled pass@1 every this many steps.")
-@click.option("--eval-prompts", default=200, help="Test prompts per measurement (one sample each, T=1).")
-@click.option("--target-accuracy", default=0.2, help="Stop once sampled pass@1 reaches this (a deliberately weak policy).")
-def warmstart(out, seed, steps, batch_size, lr, eval_every, eval_prompts, target_accuracy):
+@config_options(WarmstartConfig)
+def warmstart(**values):
     """Train the embedded default model by supervised learning on solved arith problems.
 
     Stops at a deliberately weak policy so RL has room to improve it.
@@ -120,48 +110,17 @@ def warmstart(out, seed, steps, batch_size, lr, eval_every, eval_prompts, target
     Example:
       roll warmstart --seed 0 --target-accuracy 0.2
     """
-    from roll.warmstart import WarmstartConfig, run as run_warmstart
+    from roll.warmstart import run as run_warmstart
 
-    config = WarmstartConfig(out=out, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
-                             eval_every=eval_every, eval_prompts=eval_prompts, target_accuracy=target_accuracy)
-    summary = run_warmstart(config)
+    summary = run_warmstart(WarmstartConfig(**config_values(WarmstartConfig, values)))
     summary.pop("losses")  # one number per step: in the returned dict for Python callers, not printed
     print_summary(summary)
 
 
-def options(*decorators):
-    """Apply a group of click options written once (STYLE: shared option groups)."""
-    def apply(f):
-        for decorator in reversed(decorators):
-            f = decorator(f)
-        return f
-    return apply
-
-
-SAMPLING_OPTIONS = options(
-    click.option("--prompts", default=64, help="Train prompts drawn per version (across all shards)."),
-    click.option("--group-size", default=8, help="Completions per prompt (G)."),
-    click.option("--max-new-tokens", type=int, default=None,
-                 help="Completion length limit. [default: the run's, from its task: 48 arith, 512 gsm8k, 1024 math]"),
-    click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy."),
-    click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off)."),
-    click.option("--batch-size", default=256, help="Sequences per forward pass while sampling."),
-    click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf",
-                 help="Generation engine (vllm: GPU only, untested here)."),
-)
-
-GENERATE_FIELDS = ("prompts", "group_size", "max_new_tokens", "temperature", "top_p", "batch_size", "backend")
-
-
 @cli.command()
 @run_option
-@version_option
-@SAMPLING_OPTIONS
-@seed_option
-@shard_option
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-@click.option("--force", is_flag=True, help="Regenerate a shard that is already committed.")
-def generate(run_path, version, seed, shard, device, force, **sampling):
+@config_options(GenerateConfig)
+def generate(run_path, **values):
     """Sample G completions per prompt from a policy version into rollouts/version=V/.
 
     A committed shard is skipped unless --force.
@@ -171,31 +130,15 @@ def generate(run_path, version, seed, shard, device, force, **sampling):
       roll generate --prompts 64 --group-size 8 --shard 0/2
     """
     from roll.runs import ensure_run
-    from roll.stages.generate import GenerateConfig, run as run_generate
-    from roll.store import Shard
+    from roll.stages.generate import run as run_generate
 
-    parsed = Shard.parse(shard)  # refuse a bad --shard before creating anything
-    config = GenerateConfig(run=ensure_run(run_path).root, version=version, seed=seed, shard=parsed,
-                            device=device, force=force, **sampling)
-    print_summary(run_generate(config))
-
-
-def versions_option(f):
-    return click.option("--version", "versions", type=int, multiple=True,
-                        help="Behaviour version to process (repeatable). [default: every version with rollouts]")(f)
+    print_summary(run_generate(GenerateConfig(run=ensure_run(run_path).root, **config_values(GenerateConfig, values))))
 
 
 @cli.command()
 @run_option
-@versions_option
-@shard_option
-@click.option("--verifier", type=click.Choice(["arith", "math"]), default=None,
-              help="Verifier. [default: chosen from each prompt's task]")
-@click.option("--timeout", default=5.0, help="Hard bound in seconds on checking one answer.")
-@click.option("--workers", default=2, help="Verifier worker processes (math verifier).")
-@click.option("--format-penalty", default=0.0, help="Subtracted from the reward when no final answer is found.")
-@click.option("--force", is_flag=True, help="Re-verify committed shards.")
-def verify(run_path, versions, shard, verifier, timeout, workers, format_penalty, force):
+@config_options(VerifyConfig)
+def verify(run_path, **values):
     """Extract final answers, compare with the ground truth, write verdicts/version=V/.
 
     \b
@@ -203,25 +146,15 @@ def verify(run_path, versions, shard, verifier, timeout, workers, format_penalty
       roll verify --version 0 --shard 0/4
     """
     from roll.runs import ensure_run
-    from roll.stages.verify import VerifyConfig, run as run_verify
-    from roll.store import Shard
+    from roll.stages.verify import run as run_verify
 
-    parsed = Shard.parse(shard)
-    print_summary(run_verify(VerifyConfig(run=ensure_run(run_path).root, versions=versions or None, shard=parsed,
-                                          verifier=verifier, timeout=timeout, workers=workers,
-                                          format_penalty=format_penalty, force=force)))
+    print_summary(run_verify(VerifyConfig(run=ensure_run(run_path).root, **config_values(VerifyConfig, values))))
 
 
 @cli.command()
 @run_option
-@versions_option
-@shard_option
-@click.option("--batch-size", default=64, help="Sequences per forward pass.")
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-@click.option("--ref/--no-ref", default=True,
-              help="Also π_ref's log-probs (--no-ref: one forward pass fewer; train re-scores if its objective needs them).")
-@click.option("--force", is_flag=True, help="Re-score committed shards.")
-def score(run_path, versions, shard, batch_size, device, ref, force):
+@config_options(ScoreConfig)
+def score(run_path, **values):
     """Teacher-forced log-probs under the behaviour checkpoint and π_ref, into scores/version=V/.
 
     \b
@@ -229,61 +162,15 @@ def score(run_path, versions, shard, batch_size, device, ref, force):
       roll score --version 0
     """
     from roll.runs import ensure_run
-    from roll.stages.score import ScoreConfig, run as run_score
-    from roll.store import Shard
+    from roll.stages.score import run as run_score
 
-    parsed = Shard.parse(shard)
-    print_summary(run_score(ScoreConfig(run=ensure_run(run_path).root, versions=versions or None, shard=parsed,
-                                        batch_size=batch_size, device=device, ref=ref, force=force)))
-
-
-TRAINING_OPTIONS = options(
-    click.option("--objective", default="stable-pess", help="ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess."),
-    click.option("--lag", default=0, help="L: update v -> v+1 reads behaviour versions up to v - L."),
-    click.option("--window", default=1, help="W: the number of behaviour versions read, ending at v - L."),
-    click.option("--beta", default=0.1, help="β: KL temperature of the regression objectives and the Lambert diagnostics."),
-    click.option("--beta1", default=0.2, help="β₁: temperature of the soft value in oapl and apo."),
-    click.option("--shift", default=1.0, help="s: stable-pess baseline shift, in units of β."),
-    click.option("--clip-low", default=0.2, help="PPO ε_low."),
-    click.option("--clip-high", default=0.2, help="PPO ε_high (and the CISPO weight cap 1 + ε_high)."),
-    click.option("--kl-ref", default=0.0, help="Weight of the k3 KL-to-π_ref term (ppo, cispo, pg)."),
-    click.option("--adv-norm", type=click.Choice(["std", "none"]), default="std", help="ppo/cispo advantage normalisation."),
-    click.option("--lr", default=3e-4, help="AdamW learning rate (after warm-up)."),
-    click.option("--warmup-steps", default=0, help="Linear learning-rate warm-up over the run's first N optimiser steps."),
-    click.option("--weight-decay", default=0.0, help="AdamW decoupled weight decay."),
-    click.option("--fresh-optimizer", is_flag=True,
-                 help="Start a new AdamW every update instead of resuming the parent version's state."),
-    click.option("--drop-zero-variance", is_flag=True,
-                 help="Leave out groups whose rewards are all equal (DAPO's dynamic sampling filter)."),
-    click.option("--gradient-checkpointing", is_flag=True,
-                 help="Recompute each transformer block's activations in backward: less memory, more time."),
-    click.option("--epochs", default=1, help="Passes over the selected rows per update."),
-    click.option("--mini-batch", default=512, help="Completions per optimiser step."),
-    click.option("--micro-batch", default=64, help="Completions per forward/backward (gradient accumulation)."),
-    click.option("--grad-clip", default=1.0, help="Max global gradient norm (0 = off)."),
-)
-
-
-def data_versions_type(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("..")
-    try:
-        return (int(lo), int(hi or lo))
-    except ValueError:
-        raise RollError(f"--data-versions {text}: write a..b (e.g. 3..5) or one version") from None
+    print_summary(run_score(ScoreConfig(run=ensure_run(run_path).root, **config_values(ScoreConfig, values))))
 
 
 @cli.command()
 @run_option
-@click.option("--version", "version", type=int, default=None, help="Target policy version V. [default: the latest]")
-@click.option("--data-versions", default=None, help="Behaviour versions a..b of the stale rollouts. [default: V-1]")
-@click.option("--delta", default=0.05, show_default=True, help="The lower bound holds with probability >= 1 - delta.")
-@click.option("--lambda", "lambda_rule", default="auto", show_default=True,
-              help="λ of logarithmic smoothing: auto (best of a fixed grid, union bound), sqrt (1/sqrt(n)) or a number.")
-@shard_option
-@click.option("--batch-size", default=64, help="Sequences per forward pass.")
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-@click.option("--force", is_flag=True, help="Recompute log-weights already committed.")
-def ope(run_path, version, data_versions, delta, lambda_rule, shard, batch_size, device, force):
+@config_options(OpeConfig)
+def ope(run_path, **values):
     """Judge policy V on stale rollouts: pessimistic off-policy evaluation by logarithmic smoothing.
 
     Writes per-row log-weights to ope/version=V/ and one summary row (LS estimate and lower bound, IPS,
@@ -294,28 +181,20 @@ def ope(run_path, version, data_versions, delta, lambda_rule, shard, batch_size,
       roll ope --version 8 --data-versions 4..7
     """
     from roll.runs import default_run_path
-    from roll.stages.ope import OpeConfig, run as run_ope
-    from roll.store import Run, Shard
+    from roll.stages.ope import run as run_ope
+    from roll.store import Run
 
     run = Run(run_path or default_run_path())
     if not run.exists():
         raise RollError(f"{run.root}: no run here")
-    print_summary(run_ope(OpeConfig(run=run.root, version=version,
-                                    data_versions=data_versions_type(data_versions) if data_versions else None,
-                                    delta=delta, lambda_rule=lambda_rule, shard=Shard.parse(shard),
-                                    batch_size=batch_size, device=device, force=force)))
+    print_summary(run_ope(OpeConfig(run=run.root, **config_values(OpeConfig, values))))
 
 
 @cli.command()
 @run_option
-@version_option
-@TRAINING_OPTIONS
-@seed_option
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-@click.option("--force", is_flag=True, help="Retrain version v+1 even if it exists.")
+@config_options(TrainConfig)
 @click.option("--nproc", default=1, help="Processes: >1 relaunches this command under torchrun (DDP; gloo on CPU).")
-@click.option("--fsdp", is_flag=True, help="Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
-def train(run_path, version, seed, device, force, nproc, fsdp, **training):
+def train(run_path, nproc, **values):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
     Runs verify and score first on selected versions that lack them.
@@ -325,7 +204,7 @@ def train(run_path, version, seed, device, force, nproc, fsdp, **training):
       roll generate && roll train --objective stable-pess
     """
     from roll.runs import ensure_run
-    from roll.stages.train import TrainConfig, run as run_train
+    from roll.stages.train import run as run_train
 
     root = ensure_run(run_path).root
     if nproc > 1:
@@ -339,8 +218,7 @@ def train(run_path, version, seed, device, force, nproc, fsdp, **training):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                    "-m", "roll", "train", *argv]
         sys.exit(subprocess.call(command, env={**os.environ, "ROLL_RUN": str(root)}))
-    config = TrainConfig(run=root, version=version, seed=seed, device=device, fsdp=fsdp, force=force, **training)
-    summary = run_train(config)
+    summary = run_train(TrainConfig(run=root, **config_values(TrainConfig, values)))
     if summary.get("rank", 0) == 0:
         print_summary(summary)
     else:
@@ -354,19 +232,11 @@ def train(run_path, version, seed, device, force, nproc, fsdp, **training):
 
 @cli.command()
 @run_option
-@click.option("--iterations", default=20, help="Updates to reach (the run ends at policy version N).")
-@SAMPLING_OPTIONS
-@TRAINING_OPTIONS
-@click.option("--eval-every", default=5, help="Evaluate every E versions (and the last); 0 = never.")
-@click.option("--eval-k", default=4, help="Samples per held-out prompt.")
-@click.option("--eval-limit", type=int, default=None, help="Held-out prompts per evaluation. [default: all]")
-@click.option("--sync-interval", default=1,
-              help="S: each version samples S x --prompts prompts once and its update takes S optimiser steps on them.")
-@click.option("--keep-policies", type=int, default=None,
-              help="Delete checkpoints nothing needs after each iteration, keeping v0, evaluated and the latest N. [default: keep all]")
-@seed_option
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-def iterate(run_path, iterations, eval_every, eval_k, eval_limit, sync_interval, keep_policies, seed, device, **options_):
+@config_options(IterateConfig)
+@config_options(GenerateConfig, group="sampling")
+@config_options(TrainConfig, group="training")
+@config_options(GenerateConfig, only=("seed", "device"))  # given to every stage of the loop
+def iterate(run_path, seed, device, **values):
     """Run generate -> verify -> score -> train -> evaluate for N iterations with the lag of --lag/--window.
 
     Rerunning the same command after a crash resumes where it stopped.
@@ -375,30 +245,21 @@ def iterate(run_path, iterations, eval_every, eval_k, eval_limit, sync_interval,
     Example:
       roll iterate --iterations 20 --objective stable-pess --lag 2
     """
-    from roll.pipeline.iterate import IterateConfig, run as run_iterate
+    from roll.pipeline.iterate import run as run_iterate
     from roll.runs import ensure_run
-    from roll.stages.generate import GenerateConfig
-    from roll.stages.train import TrainConfig
 
     root = ensure_run(run_path).root
-    sampling = {k: v for k, v in options_.items() if k in GENERATE_FIELDS}
-    training = {k: v for k, v in options_.items() if k not in GENERATE_FIELDS}
-    config = IterateConfig(run=root, iterations=iterations, eval_every=eval_every, eval_k=eval_k,
-                           eval_limit=eval_limit, sync_interval=sync_interval, keep_policies=keep_policies,
-                           generate=GenerateConfig(run=root, seed=seed, device=device, **sampling),
-                           train=TrainConfig(run=root, seed=seed, device=device, **training))
+    config = IterateConfig(
+        run=root, **config_values(IterateConfig, values),
+        generate=GenerateConfig(run=root, seed=seed, device=device, **config_values(GenerateConfig, values, "sampling")),
+        train=TrainConfig(run=root, seed=seed, device=device, **config_values(TrainConfig, values, "training")))
     print_summary(run_iterate(config))
 
 
 @cli.command()
 @run_option
-@click.option("--keep", default=3, help="Keep the latest N policy versions.")
-@click.option("--lag", default=0, help="L of the updates still to come: unscored versions in their window are kept.")
-@click.option("--window", default=1, help="W of the updates still to come.")
-@click.option("--version", "versions", type=int, multiple=True,
-              help="Delete exactly this version (repeatable); refused if it is still needed. [default: every unneeded one]")
-@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
-def gc(run_path, keep, lag, window, versions, dry_run):
+@config_options(GcConfig)
+def gc(run_path, **values):
     """Delete policy checkpoints (weights and optimiser state) that nothing still needs.
 
     Always kept: v0, the latest N, evaluated versions, and versions a future lag window must still score.
@@ -408,28 +269,16 @@ def gc(run_path, keep, lag, window, versions, dry_run):
     Example:
       roll gc --keep 3 --lag 2
     """
-    from roll.pipeline.retention import GcConfig, run as run_gc
+    from roll.pipeline.retention import run as run_gc
     from roll.runs import default_run_path
 
-    print_summary(run_gc(GcConfig(run=run_path or default_run_path(), keep=keep, lag=lag, window=window,
-                                  versions=versions, dry_run=dry_run)))
+    print_summary(run_gc(GcConfig(run=run_path or default_run_path(), **config_values(GcConfig, values))))
 
 
 @cli.command()
 @run_option
-@version_option
-@click.option("--dataset", default=None, help="Bundled dataset (gsm8k, math, math500, aime24, aime25, amc23). [default: the run's test split]")
-@click.option("--k", default=4, help="Samples per prompt.")
-@click.option("--temperature", default=1.0, help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", default=1.0, help="Nucleus sampling mass (1 = off).")
-@click.option("--max-new-tokens", type=int, default=None,
-              help="Completion length limit. [default: the run's, from its task: 48 arith, 512 gsm8k, 1024 math]")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts. [default: all]")
-@click.option("--batch-size", default=256, help="Sequences per forward pass.")
-@seed_option
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-@click.option("--force", is_flag=True, help="Re-evaluate a committed version and dataset.")
-def evaluate(run_path, version, dataset, k, temperature, top_p, max_new_tokens, limit, batch_size, seed, device, force):
+@config_options(EvaluateConfig)
+def evaluate(run_path, **values):
     """Held-out pass@1 (mean over k samples), unbiased pass@k and maj@k, into evals/version=V/.
 
     \b
@@ -437,25 +286,19 @@ def evaluate(run_path, version, dataset, k, temperature, top_p, max_new_tokens, 
       roll evaluate --k 8 --temperature 1.0
     """
     from roll.runs import ensure_run
-    from roll.stages.evaluate import EvaluateConfig, run as run_evaluate
+    from roll.stages.evaluate import run as run_evaluate
 
-    config = EvaluateConfig(run=ensure_run(run_path).root, version=version, dataset=dataset, k=k,
-                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, limit=limit,
-                            batch_size=batch_size, seed=seed, device=device, force=force)
-    print_summary(run_evaluate(config))
+    print_summary(run_evaluate(EvaluateConfig(run=ensure_run(run_path).root, **config_values(EvaluateConfig, values))))
 
 
 @cli.command()
 @click.option("--advantages", default=None, help="Comma-separated advantages of one group, e.g. 0.5,-0.5,-0.5.")
 @click.option("--rewards", default=None, help="Comma-separated rewards of one group (advantages come from --objective).")
-@click.option("--objective", default="stable-pess", help="Objective whose advantage turns --rewards (or a run's group) into A.")
-@click.option("--beta", default=0.1, help="β.")
-@click.option("--beta1", default=0.2, help="β₁ (oapl, apo).")
-@click.option("--shift", default=1.0, help="s (stable-pess).")
+@config_options(TrainConfig, only=("objective", "beta", "beta1", "shift"))  # the objective turns --rewards into A
 @run_option
 @click.option("--version", "data_version", type=int, default=None, help="Behaviour version of a group in the run.")
 @click.option("--prompt-id", default=None, help="Prompt of a group in the run (with --version).")
-def lambert(advantages, rewards, objective, beta, beta1, shift, run_path, data_version, prompt_id):
+def lambert(advantages, rewards, objective, run_path, data_version, prompt_id, beta, beta1, shift):
     """Print a group's nominal (Boltzmann) and induced (Lambert) targets side by side, with m, k and regime.
 
     \b
@@ -471,18 +314,11 @@ def lambert(advantages, rewards, objective, beta, beta1, shift, run_path, data_v
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/sweep"), help="Parent directory of the runs.")
-@click.option("--objectives", default="ppo,pg,oapl,pmd-mean,stable-pess", help="Comma-separated objectives.")
-@click.option("--lags", default="0,2,4,8", help="Comma-separated lags L.")
-@click.option("--seeds", default="0,1,2", help="Comma-separated seeds.")
-@click.option("--iterations", default=20, help="Updates per run.")
-@click.option("--eval-every", default=5, help="Evaluate every E versions (and the last).")
-@click.option("--eval-k", default=4, help="Samples per held-out prompt.")
-@click.option("--eval-limit", type=int, default=None, help="Held-out prompts per evaluation. [default: all]")
-@click.option("--model", default=None, help="Checkpoint for v0. [default: the embedded model]")
-@SAMPLING_OPTIONS
-@TRAINING_OPTIONS
-def sweep(out, objectives, lags, seeds, iterations, eval_every, eval_k, eval_limit, model, **options_):
+@config_options(SweepConfig)
+@config_options(IterateConfig, group="loop")
+@config_options(GenerateConfig, group="sampling")
+@config_options(TrainConfig, group="training")
+def sweep(**values):
     """Run objective x lag x seed as separate runs, then `roll report` over them all (out/report/).
 
     --objective and --lag given here are ignored: the grid sets them.
@@ -491,38 +327,29 @@ def sweep(out, objectives, lags, seeds, iterations, eval_every, eval_k, eval_lim
     Example:
       roll sweep --objectives ppo,stable-pess --lags 0,4 --seeds 0 --iterations 10
     """
-    from roll.pipeline.iterate import IterateConfig
-    from roll.pipeline.sweep import SweepConfig, run as run_sweep
-    from roll.stages.generate import GenerateConfig
-    from roll.stages.train import TrainConfig
+    from roll.pipeline.sweep import run as run_sweep
 
-    def numbers(text):
-        return tuple(int(x) for x in text.split(",") if x.strip())
-
-    sampling = {k: v for k, v in options_.items() if k in GENERATE_FIELDS}
-    training = {k: v for k, v in options_.items() if k not in GENERATE_FIELDS}
-    loop = IterateConfig(run=out, iterations=iterations, eval_every=eval_every, eval_k=eval_k, eval_limit=eval_limit,
-                         generate=GenerateConfig(run=out, **sampling), train=TrainConfig(run=out, **training))
-    config = SweepConfig(out=out, objectives=tuple(x.strip() for x in objectives.split(",") if x.strip()),
-                         lags=numbers(lags), seeds=numbers(seeds), iterate=loop, model=model)
-    print_summary(run_sweep(config))
+    out = values["out"]
+    loop = IterateConfig(run=out, **config_values(IterateConfig, values, "loop"),
+                         generate=GenerateConfig(run=out, **config_values(GenerateConfig, values, "sampling")),
+                         train=TrainConfig(run=out, **config_values(TrainConfig, values, "training")))
+    print_summary(run_sweep(SweepConfig(**config_values(SweepConfig, values), iterate=loop)))
 
 
 @cli.command()
-@click.option("--run", "runs", type=click.Path(path_type=Path), multiple=True,
-              help="Run directory to include (repeatable). [default: $ROLL_RUN, else ./runs/default]")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("report"), help="Directory for the PNGs and summary.md.")
-def report(runs, out):
+@config_options(ReportConfig)
+def report(**values):
     """Plots (PNG) and a markdown summary over one or several runs: pass@1, entropy, KL, regimes by lag.
 
     \b
     Example:
       roll report --run runs/ppo-lag4 --run runs/stable-pess-lag4 --out report/
     """
-    from roll.pipeline.report import ReportConfig, run as run_report
+    from roll.pipeline.report import run as run_report
     from roll.runs import default_run_path
 
-    print_summary(run_report(ReportConfig(runs=tuple(runs) or (default_run_path(),), out=out)))
+    config = config_values(ReportConfig, values)
+    print_summary(run_report(ReportConfig(**{**config, "runs": tuple(config["runs"] or ()) or (default_run_path(),)})))
 
 
 @cli.group()
@@ -537,35 +364,20 @@ def slurm():
 
 @slurm.command("render")
 @run_option
-@click.option("--iterations", default=1, help="Updates to render.")
-@click.option("--start", default=0, help="First policy version to train from.")
-@click.option("--array-size", default=4, help="S: tasks per generate/verify/score job array.")
-@click.option("--gpus-per-train", default=0, help="P: GPUs (torchrun processes) for train; 0 = one CPU process.")
-@click.option("--partition", default=None, help="sbatch --partition.")
-@click.option("--account", default=None, help="sbatch --account.")
-@click.option("--time-limit", default="01:00:00", help="sbatch --time for every job.")
-@click.option("--lag", default=0, help="L: train v reads data up to v - L, so generation overlaps training.")
-@click.option("--window", default=1, help="W: behaviour versions per update.")
-@click.option("--generate-args", default="", help="Extra options for roll generate, e.g. '--prompts 128'.")
-@click.option("--train-args", default="", help="Extra options for roll train, e.g. '--objective ppo'.")
-@click.option("--roll", "roll_command", default="roll", help="How the nodes call roll (e.g. a venv's bin/roll).")
+@config_options(SlurmConfig)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write the scripts and submit.sh into this folder. [default: print them]")
-def slurm_render(run_path, iterations, start, array_size, gpus_per_train, partition, account, time_limit, lag, window,
-                 generate_args, train_args, roll_command, out):
+def slurm_render(run_path, out, **values):
     """Print (or write with --out) sbatch scripts for N iterations, chained with --dependency=afterok.
 
     \b
     Example:
       roll slurm render --iterations 4 --array-size 8 --gpus-per-train 2 --lag 1 --out slurm/ && bash slurm/submit.sh
     """
-    from roll.pipeline.slurm import SlurmConfig, render, write
+    from roll.pipeline.slurm import render, write
     from roll.runs import default_run_path
 
-    config = SlurmConfig(run=(run_path or default_run_path()).resolve(), iterations=iterations, start=start,
-                         array_size=array_size, gpus_per_train=gpus_per_train, partition=partition, account=account,
-                         time_limit=time_limit, lag=lag, window=window, generate_args=generate_args,
-                         train_args=train_args, roll=roll_command)
+    config = SlurmConfig(run=(run_path or default_run_path()).resolve(), **config_values(SlurmConfig, values))
     if out:
         print_summary({"written": [str(p) for p in write(config, out)]})
     else:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from roll.objectives import ObjectiveConfig
+
 BOUNDARY_TOLERANCE = 1e-9  # |m| below this is the boundary regime (exactly Boltzmann up to rounding)
 
 
@@ -164,11 +166,12 @@ def solve(advantages, beta: float, weights=None, iterations: int = 200) -> Lambe
 # ------------------------------------------------------------------------------------------ roll lambert
 
 
-def group_advantages(rewards, objective: str, beta: float, beta1: float = 0.2, shift: float = 1.0) -> np.ndarray:
+def group_advantages(rewards, objective: str, beta: float, beta1: float = ObjectiveConfig.beta1,
+                     shift: float = ObjectiveConfig.shift) -> np.ndarray:
     """Advantages of one group's rewards under an objective of the registry (apo: V* from these rewards)."""
     import torch
 
-    from roll.objectives import ObjectiveConfig, get_objective, soft_value
+    from roll.objectives import get_objective, soft_value
 
     entry = get_objective(objective)
     config = ObjectiveConfig(beta=beta, beta1=beta1, shift=shift)
@@ -189,8 +192,9 @@ def _numbers(text: str, what: str) -> list[float]:
     return values
 
 
-def show(*, advantages=None, rewards=None, objective="stable-pess", beta=0.1, beta1=0.2, shift=1.0,
-         run_path=None, data_version=None, prompt_id=None) -> LambertTarget:
+def show(*, advantages=None, rewards=None, objective="stable-pess", beta=ObjectiveConfig.beta,
+         beta1=ObjectiveConfig.beta1, shift=ObjectiveConfig.shift, run_path=None, data_version=None,
+         prompt_id=None) -> LambertTarget:
     """`roll lambert`: print the nominal and induced targets of one group side by side."""
     from rich.console import Console
     from rich.table import Table

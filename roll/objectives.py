@@ -19,20 +19,24 @@ pessimistic iff the baseline lies below V_β = β·log E[e^{r/β}]; stable-pess'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from roll.options import option
+
+if TYPE_CHECKING:  # torch is imported inside the functions: the CLI reads ObjectiveConfig without loading it
+    import torch
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    beta: float = 0.1  # β: KL temperature of the regression objectives (and of the Lambert diagnostics)
-    beta1: float = 0.2  # β₁: temperature of the soft value V̂ in oapl and V* in apo
-    shift: float = 1.0  # s: stable-pess's baseline shift, in units of β
-    clip_low: float = 0.2  # ε_low: PPO lower clip
-    clip_high: float = 0.2  # ε_high: PPO upper clip (and CISPO's weight cap 1 + ε_high)
-    kl_ref: float = 0.0  # c: weight of the k3 KL-to-π_ref term for ppo, cispo and pg
-    adv_norm: str = "std"  # ppo/cispo advantage: "std" (r − mean)/(std + 1e-6), or "none" (r − mean)
+    beta: float = option(0.1, "β: KL temperature of the regression objectives and the Lambert diagnostics.", group="training")
+    beta1: float = option(0.2, "β₁: temperature of the soft value in oapl and V* in apo.", group="training")
+    shift: float = option(1.0, "s: stable-pess baseline shift, in units of β.", group="training")
+    clip_low: float = option(0.2, "PPO ε_low.", group="training")
+    clip_high: float = option(0.2, "PPO ε_high (and the CISPO weight cap 1 + ε_high).", group="training")
+    kl_ref: float = option(0.0, "Weight of the k3 KL-to-π_ref term (ppo, cispo, pg).", group="training")
+    adv_norm: str = option("std", "ppo/cispo advantage normalisation: std, (r − mean)/(std + 1e-6), or none, r − mean.",
+                           choices=("std", "none"), group="training")
 
 
 @dataclass
@@ -65,6 +69,8 @@ def mean_advantage(rewards, config, ref_value=None):
 
 def soft_value(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
     """β₁·log mean e^{r/β₁}, computed stably."""
+    import torch
+
     return beta1 * (torch.logsumexp(rewards / beta1, 0) - torch.log(torch.tensor(float(rewards.numel()), dtype=rewards.dtype)))
 
 
@@ -94,6 +100,8 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def k3(log_ratio: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(q‖p) from samples of q, with log_ratio = log p − log q: e^x − 1 − x ≥ 0."""
+    import torch
+
     return torch.exp(log_ratio) - 1 - log_ratio
 
 
@@ -106,6 +114,8 @@ def _kl_ref_term(batch: Batch, config: ObjectiveConfig) -> torch.Tensor:
 
 def ppo_loss(batch: Batch, config: ObjectiveConfig):
     """−token-mean min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â) [+ c·k3 to π_ref].  ρ = e^{log π_θ − log π_b}."""
+    import torch
+
     ratio = torch.exp(batch.logprobs - batch.behaviour_logprobs)
     adv = batch.advantages[:, None]
     clipped = torch.clamp(ratio, 1 - config.clip_low, 1 + config.clip_high)
@@ -117,6 +127,8 @@ def ppo_loss(batch: Batch, config: ObjectiveConfig):
 
 def cispo_loss(batch: Batch, config: ObjectiveConfig):
     """−token-mean sg(min(ρ, 1+ε_high))·Â·log π_θ [+ c·k3]: the IS weight is capped and detached."""
+    import torch
+
     ratio = torch.exp(batch.logprobs - batch.behaviour_logprobs)
     weight = torch.clamp(ratio, max=1 + config.clip_high).detach()
     loss = -token_mean(weight * batch.advantages[:, None] * batch.logprobs, batch.mask) + _kl_ref_term(batch, config)

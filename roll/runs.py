@@ -10,6 +10,7 @@ from pathlib import Path
 
 from roll import __version__
 from roll.errors import RollError
+from roll.options import option
 from roll.store import Run, write_table
 
 DEFAULT_RUN = Path("runs") / "default"
@@ -23,11 +24,12 @@ def default_run_path() -> Path:
 @dataclass(frozen=True)
 class InitConfig:
     run: Path
-    task: str = "arith"  # a built-in task name or a .jsonl/.parquet file of prompts and answers
-    model: str | None = None  # checkpoint directory or hub id; None means the embedded default model
-    seed: int = 0  # seed of the built-in task's train/test generator
-    dtype: str = "auto"  # weights' dtype, kept by every commit: auto (the checkpoint's own), bfloat16, float16, float32
-
+    task: str = option("arith", "Built-in task name, or a .jsonl/.parquet file with prompt and answer columns.")
+    model: str | None = option(None, "Checkpoint directory (or hub id) of a causal LM. [default: the embedded model]",
+                               show_default=False)
+    seed: int = option(0, "Seed of the built-in task's train/test generator.")
+    dtype: str = option("auto", "Weights' dtype, kept by every commit (auto: the checkpoint's own). bf16 trains with fp32 "
+                                "master weights.", choices=("auto", "bfloat16", "float16", "float32"))
 
 def default_model_dir() -> Path:
     from roll.data import DEFAULT_MODEL_DIR

@@ -728,32 +728,39 @@ NAMED_QUERIES = {
 }
 
 
-def _execute(run: Run, name: str, versions: range | None, params: dict, arrow: bool = False):
+def relation_arrow(relation) -> pa.Table:
+    """A DuckDB relation's rows as a pyarrow table, without an extra copy (the method's name changed in DuckDB 2)."""
+    return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+
+
+def _execute(run: Run, sql: str, versions: range | None, params: dict, arrow: bool = False, name: str = "query"):
     import duckdb
 
-    sql = NAMED_QUERIES[name]
-
     def fetch(con):
-        if not arrow:
-            return con.execute(sql, params)
-        # a relation, not a cursor: DuckDB hands a relation's rows to Arrow without an extra copy
-        relation = con.sql(sql, params=params)
-        return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+        return relation_arrow(con.sql(sql, params=params)) if arrow else con.execute(sql, params)
 
     try:
         return on_views(run, sql, versions, fetch)
     except duckdb.Error as exc:
-        raise RollError(f"{run.root}: query {name} failed: {str(exc).splitlines()[0]}") from None
+        raise RollError(f"{run.root}: {name} failed: {str(exc).splitlines()[0]}") from None
+
+
+def _dicts(cursor) -> list[dict]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def rows(run: Run, sql: str, versions: range | None = None, **params) -> list[dict]:
+    """Rows (as dicts) of one of roll's own queries over the run's views (only `versions`' shards, when given)."""
+    return _dicts(_execute(run, sql, versions, params))
 
 
 def named_query(run: Run, name: str, versions: range | None = None, **params) -> list[dict]:
     """Rows (as dicts) of the named query over the run's views (only `versions`' shards, when given)."""
-    cursor = _execute(run, name, versions, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    return _dicts(_execute(run, NAMED_QUERIES[name], versions, params, name=f"query {name}"))
 
 
 def named_query_arrow(run: Run, name: str, versions: range | None = None, **params) -> pa.Table:
     """The named query's result as a pyarrow table: list columns stay Arrow buffers (no Python objects per
     token), which is what makes a lag window of millions of rows cheap to hand to torch."""
-    return _execute(run, name, versions, params, arrow=True)
+    return _execute(run, NAMED_QUERIES[name], versions, params, arrow=True, name=f"query {name}")

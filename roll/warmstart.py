@@ -16,17 +16,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from roll.options import option
+
 
 @dataclass(frozen=True)
 class WarmstartConfig:
-    out: Path | None = None  # checkpoint directory; None = the package's data/default_model
-    seed: int = 0  # model init, batch order and evaluation sampling
-    steps: int = 3000  # most optimiser steps
-    batch_size: int = 64  # solved examples per step
-    lr: float = 1e-3  # AdamW learning rate (after a 50-step linear warm-up)
-    eval_every: int = 100  # steps between pass@1 measurements; 0 = never (and never stop early)
-    eval_prompts: int = 200  # test prompts per measurement, one sample each at T = 1
-    target_accuracy: float = 0.2  # stop once sampled pass@1 reaches this
+    out: Path | None = option(None, "Where to save the checkpoint. [default: the package's data/default_model]",
+                              show_default=False)
+    seed: int = option(0, "Random seed: model init, batch order and evaluation sampling.")
+    steps: int = option(3000, "Most supervised steps to take.")
+    batch_size: int = option(64, "Solved examples per step.")
+    lr: float = option(1e-3, "AdamW learning rate (after a 50-step linear warm-up).")
+    eval_every: int = option(100, "Measure sampled pass@1 every this many steps; 0 = never (and never stop early).")
+    eval_prompts: int = option(200, "Test prompts per measurement (one sample each, T=1).")
+    target_accuracy: float = option(0.2, "Stop once sampled pass@1 reaches this (a deliberately weak policy).")
 
 
 def solved_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:

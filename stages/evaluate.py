@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
+from roll.options import option
 from roll.metrics import majority_correct, pass_at_k
 from roll.store import Run, write_table
 
@@ -20,19 +21,20 @@ from roll.store import Run, write_table
 @dataclass(frozen=True)
 class EvaluateConfig:
     run: Path  # run directory
-    version: int | None = None  # policy version; None = the latest committed
-    dataset: str | None = None  # bundled dataset name; None = the run's own test split
-    k: int = 4  # samples per prompt
-    temperature: float = 1.0  # sampling temperature; 0 = greedy (then k samples are identical)
-    top_p: float = 1.0  # nucleus mass kept
-    max_new_tokens: int | None = None  # completion length limit (None: the run's, set from its task at init)
-    limit: int | None = None  # evaluate only the first N prompts (None = all)
-    batch_size: int = 256  # sequences per forward pass
-    seed: int = 0  # sampling seed
-    timeout: float = 5.0  # verifier bound per answer, seconds
-    device: str = "auto"  # auto, cpu or cuda
-    force: bool = False  # re-evaluate a committed version/dataset
-
+    version: int | None = option(None, "Policy version to evaluate. [default: the latest committed]", show_default=False)
+    dataset: str | None = option(None, "Bundled dataset (gsm8k, math, math500, aime24, aime25, amc23). [default: the run's "
+                                       "test split]", show_default=False)
+    k: int = option(4, "Samples per prompt.")
+    temperature: float = option(1.0, "Sampling temperature; 0 is greedy (then the k samples are identical).")
+    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).")
+    max_new_tokens: int | None = option(None, "Completion length limit. [default: the dataset's or the run's, from its "
+                                              "task: 48 arith, 512 gsm8k, 1024 math]", show_default=False)
+    limit: int | None = option(None, "Evaluate only the first N prompts. [default: all]", show_default=False)
+    batch_size: int = option(256, "Sequences per forward pass.")
+    seed: int = option(0, "Random seed of the sampler.")
+    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    force: bool = option(False, "Re-evaluate a committed version and dataset.")
 
 def held_out_prompts(run: Run, dataset: str | None, tokenizer) -> tuple[str, list[dict]]:
     """(dataset name, test prompts as rows) for the run's test split or a bundled dataset."""

@@ -15,25 +15,28 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
+from roll.options import option
 from roll.store import Run, Shard, shard_index
 
 
 @dataclass(frozen=True)
 class OpeConfig:
     run: Path  # run directory
-    version: int | None = None  # target policy version V; None = the latest committed
-    data_versions: tuple[int, int] | None = None  # behaviour versions lo..hi; None = V − 1
-    delta: float = 0.05  # the bound holds with probability ≥ 1 − δ
-    lambda_rule: str = "auto"  # auto (best of a fixed grid, union bound), sqrt (1/√n, the paper's code) or a number
-    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout files with index ≡ i (mod N)
-    batch_size: int = 64  # sequences per forward pass
-    device: str = "auto"  # auto, cpu or cuda
-    force: bool = False  # recompute log-weights already committed
-
+    version: int | None = option(None, "Target policy version V. [default: the latest committed]", show_default=False)
+    data_versions: tuple[int, int] | None = option(None, "Behaviour versions a..b of the stale rollouts. [default: V-1]",
+                                                   show_default=False)
+    delta: float = option(0.05, "The lower bound holds with probability >= 1 - delta.")
+    lambda_rule: str = option("auto", "λ of logarithmic smoothing: auto (best of a fixed grid, union bound), sqrt "
+                                      "(1/sqrt(n), the paper's code) or a number.", flag="--lambda")
+    shard: Shard = option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
+                          factory=lambda: Shard(0, 1))
+    batch_size: int = option(64, "Sequences per forward pass.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    force: bool = option(False, "Recompute log-weights already committed.")
 
 def check_config(config: OpeConfig) -> None:
     if not 0 < config.delta < 1:

@@ -12,23 +12,26 @@ Score shards mirror rollout shards, like verify's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
+from roll.options import option
 from roll.store import Run, Shard
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     run: Path  # run directory
-    versions: tuple[int, ...] | None = None  # behaviour versions to score; None = every version with rollouts
-    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout shards with index ≡ i (mod N)
-    batch_size: int = 64  # sequences per forward pass
-    device: str = "auto"  # auto, cpu or cuda
-    ref: bool = True  # also π_ref's log-probs (False: ref columns null, one forward pass fewer)
-    force: bool = False  # re-score committed shards
-
+    versions: tuple[int, ...] | None = option(None, "Behaviour version to process (repeatable). [default: every version with rollouts]", flag="--version", repeatable=True,
+                                              show_default=False)
+    shard: Shard = option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
+                          factory=lambda: Shard(0, 1))
+    batch_size: int = option(64, "Sequences per forward pass.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    ref: bool = option(True, "Also π_ref's log-probs (--no-ref: one forward pass fewer; train re-scores if its objective "
+                             "needs them).")
+    force: bool = option(False, "Re-score committed shards.")
 
 def group_stats(verdicts) -> dict[str, tuple[int, float, float]]:
     """prompt_id → (group size, mean reward, population std of reward)."""

@@ -22,10 +22,11 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from roll.errors import RollError
+from roll.options import option
 from roll.objectives import ObjectiveConfig, get_objective, uses_reference
 from roll.store import Run, data_window
 from roll.window import Window
@@ -34,38 +35,36 @@ from roll.window import Window
 MIN_TEMPERATURE = 1e-8  # the Lambert solve is checked down to β = 1e-8 (tests/test_lambert.py)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(ObjectiveConfig):
+    """An update's settings: the objective's own (β, β₁, s, clipping, KL weight: ObjectiveConfig, inherited)
+    and the optimiser's, the data's and the process's."""
     run: Path  # run directory
-    objective: str = "stable-pess"  # a name of roll.objectives.OBJECTIVES
-    version: int | None = None  # policy version to update; None = the latest committed
-    lag: int = 0  # L: update v → v+1 reads behaviour versions up to v − L
-    window: int = 1  # W: … and the W versions ending there
-    beta: float = 0.1  # β of the regression objectives and the Lambert diagnostics
-    beta1: float = 0.2  # β₁ of oapl's and apo's soft value
-    shift: float = 1.0  # s of stable-pess (baseline shift in units of β)
-    clip_low: float = 0.2  # PPO ε_low
-    clip_high: float = 0.2  # PPO ε_high / CISPO cap
-    kl_ref: float = 0.0  # weight of the k3 KL-to-π_ref term (ppo, cispo, pg)
-    adv_norm: str = "std"  # ppo/cispo advantage normalisation: std or none
-    lr: float = 3e-4  # AdamW learning rate (after warm-up)
-    warmup_steps: int = 0  # linear warm-up over the run's first N optimiser steps (0 = none, as TRL and verl)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (TRL's default)
-    fresh_optimizer: bool = False  # a new AdamW every update (no state carried from the parent version)
-    drop_zero_variance: bool = False  # leave out groups whose rewards are all equal (DAPO's dynamic sampling)
-    gradient_checkpointing: bool = False  # recompute transformer blocks' activations in backward (less memory)
-    epochs: int = 1  # passes over the selected rows
-    mini_batch: int = 512  # completions per optimiser step
-    micro_batch: int = 64  # completions per forward/backward (gradient accumulation)
-    grad_clip: float = 1.0  # max global grad norm (0 = off)
-    seed: int = 0  # row shuffling
-    device: str = "auto"  # auto, cpu or cuda
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimiser state (FSDP2) instead of DDP
-    force: bool = False  # retrain v+1 even if it exists
+    objective: str = option("stable-pess", "ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.", group="training")
+    version: int | None = option(None, "Policy version v to update. [default: the latest committed]", show_default=False)
+    lag: int = option(0, "L: update v -> v+1 reads behaviour versions up to v - L.", group="training")
+    window: int = option(1, "W: the number of behaviour versions read, ending at v - L.", group="training")
+    lr: float = option(3e-4, "AdamW learning rate (after warm-up).", group="training")
+    warmup_steps: int = option(0, "Linear learning-rate warm-up over the run's first N optimiser steps (0 = none, as TRL "
+                                  "and verl).", group="training")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (TRL's default 0).", group="training")
+    fresh_optimizer: bool = option(False, "A new AdamW every update (no state carried from the parent version).",
+                                   group="training")
+    drop_zero_variance: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's dynamic sampling).",
+                                      group="training")
+    gradient_checkpointing: bool = option(False, "Recompute transformer blocks' activations in backward (less memory, "
+                                                 "more time).", group="training")
+    epochs: int = option(1, "Passes over the selected rows per update.", group="training")
+    mini_batch: int = option(512, "Completions per optimiser step.", group="training")
+    micro_batch: int = option(64, "Completions per forward/backward (gradient accumulation).", group="training")
+    grad_clip: float = option(1.0, "Max global gradient norm (0 = off).", group="training")
+    seed: int = option(0, "Random seed of the row shuffling.")
+    device: str = option("auto", "auto, cpu or cuda.")
+    fsdp: bool = option(False, "Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
+    force: bool = option(False, "Retrain version v+1 even if it exists.")
 
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(beta=self.beta, beta1=self.beta1, shift=self.shift, clip_low=self.clip_low,
-                               clip_high=self.clip_high, kl_ref=self.kl_ref, adv_norm=self.adv_norm)
+        return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
 
 
 def check_config(config: TrainConfig) -> None:

@@ -8,24 +8,27 @@ Model output is never evaluated as code; a verifier that hangs is timed out and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
+from roll.options import option
 from roll.store import Run, Shard
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
     run: Path  # run directory
-    versions: tuple[int, ...] | None = None  # behaviour versions to verify; None = every version with rollouts
-    shard: Shard = field(default_factory=lambda: Shard(0, 1))  # take rollout shards with index ≡ i (mod N)
-    verifier: str | None = None  # "arith" or "math"; None = chosen from each prompt's task
-    timeout: float = 5.0  # hard bound in seconds on one answer's check
-    workers: int = 2  # verifier worker processes (math only)
-    format_penalty: float = 0.0  # subtracted from the reward when no final answer is found
-    force: bool = False  # re-verify committed shards
-
+    versions: tuple[int, ...] | None = option(None, "Behaviour version to process (repeatable). [default: every version with rollouts]", flag="--version", repeatable=True,
+                                              show_default=False)
+    shard: Shard = option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
+                          factory=lambda: Shard(0, 1))
+    verifier: str | None = option(None, "Verifier. [default: chosen from each prompt's task]", choices=("arith", "math"),
+                                  show_default=False)
+    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.")
+    workers: int = option(2, "Verifier worker processes (math verifier).")
+    format_penalty: float = option(0.0, "Subtracted from the reward when no final answer is found.")
+    force: bool = option(False, "Re-verify committed shards.")
 
 def run(config: VerifyConfig) -> dict:
     """Verify every pending rollout shard; returns rows, accuracy, errors and seconds."""

@@ -81,3 +81,50 @@ def test_default_run_is_created_in_the_working_directory(tmp_path, tiny_model_di
     assert json.loads(out.stdout) == [{"policy_version": 0, "n": 4}]
     csv = roll_cli("sql", "select count(*) as n from rollouts", "--format", "csv", "--run", tmp_path / "runs" / "default")
     assert csv.stdout == "n\n4\n"
+
+
+def _commands(group, prefix=()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,), command
+
+
+def test_every_config_field_is_one_option_whose_help_shows_its_default_and_text():
+    """Options are generated from the stage configs' fields (roll/options.py): every field with help appears
+    in some command, each generated option's default is the field's default, and `roll X --help` shows the
+    field's help text and default. No command declares an option twice."""
+    import dataclasses
+    import re
+
+    import roll.cli as cli_module
+
+    configs = {obj.__name__: obj for obj in vars(cli_module).values()
+               if dataclasses.is_dataclass(obj) and isinstance(obj, type)}
+    exposed = set()
+    runner = CliRunner()
+    for path, command in _commands(cli):
+        names = [opt for p in command.params for opt in getattr(p, "opts", [])]
+        assert len(names) == len(set(names)), (path, sorted(n for n in names if names.count(n) > 1))
+        if path[0] not in ("lambert", "sql", "warm"):  # commands over a config: only these options are the CLI's own
+            own = {p.opts[0] for p in command.params if isinstance(p, click.Option) and not hasattr(p, "config_field")}
+            assert own <= {"--run", "--help", "--nproc", "--out"}, (path, own)
+        text = " ".join(runner.invoke(cli, [*path, "--help"], terminal_width=10_000).output.split())
+        for param in command.params:
+            if not hasattr(param, "config_field"):
+                continue
+            cls_name, field_name = param.config_field
+            exposed.add(param.config_field)
+            field = next(f for f in dataclasses.fields(configs[cls_name]) if f.name == field_name)
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) and default and not param.multiple else default
+            assert param.default == (() if param.multiple else shown), (path, field_name)
+            assert " ".join(field.metadata["help"].split()) in text, (path, field_name)
+            if param.show_default and not param.is_flag:
+                assert re.search(re.escape(f"[default: {shown}]"), text), (path, field_name, shown)
+    for name, cls in configs.items():
+        for field in dataclasses.fields(cls):
+            if field.metadata.get("help"):
+                offered = any((other, field.name) in exposed for other, sub in configs.items() if issubclass(sub, cls))
+                assert offered, f"{name}.{field.name} has help but no command offers it"
