@@ -4,7 +4,7 @@ Each objective is an advantage (per sequence, computed per group of G samples of
 over a batch of completions. Notation: ρ_t = π_θ(y_t|·)/π_b(y_t|·) per token, Δ_i = Σ_t log ρ_t per sequence
 (against π_ref for apo), Â/A the advantage, "token-mean" the mean over every completion token of the batch.
 
-    ppo          −token-mean min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  [+ c·token-mean k3(π_ref‖π_θ)]
+    ppo          −token-mean min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  [+ c·token-mean k3 of KL(π_θ‖π_ref)]
     cispo        −token-mean sg(min(ρ, 1+ε_high))·Â·log π_θ           [+ c·token-mean k3]
     pg           −token-mean Â·log π_θ                                 [+ c·token-mean k3]
     oapl         mean (β·Δ − (r − β₁·log mean e^{r/β₁}))²

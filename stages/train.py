@@ -16,6 +16,7 @@ log-probs are computed at the temperature that produced each sample (no top-p, a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 import sys
@@ -370,6 +371,21 @@ def mini_batches(groups: list[list[int]], size: int, rng: random.Random) -> list
     return batches + ([current] if current else [])
 
 
+def micro_batches_of(mine: list[int], rows: Window, size: int) -> list[list[int]]:
+    """This rank's rows of a step in micro-batches of at most `size`: one sampling temperature per micro-batch
+    (π_θ's log-probs are computed at the temperature that produced the rows; a lag window can hold versions
+    sampled at different ones), shortest first within it, so each pads to a similar length (length bucketing:
+    a step's gradient is the same sum over the same rows, with far less padding). The row index breaks ties,
+    so the same rows always make the same micro-batches whatever order they were drawn in."""
+    temperature = rows.scalars["temperature"]
+    mine = sorted(mine, key=lambda i: (temperature[i], rows.length("token_ids", i), rows.length("prompt_token_ids", i), i))
+    out = []
+    for _, same in itertools.groupby(mine, key=lambda i: temperature[i]):
+        same = list(same)
+        out += [same[j:j + size] for j in range(0, len(same), size)]
+    return out
+
+
 def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainConfig, version: int,
              new_version: int, global_step: int, stale_base: dict[int, int], dist,
              dtype: str = "float32") -> tuple[list[dict], dict]:
@@ -407,12 +423,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mini_tokens = sum(rows.length("token_ids", i) for i in mini)  # global: every rank knows all rows
-            # this rank's rows, shortest first, so each micro-batch pads to a similar length (length bucketing:
-            # a step's gradient is the same sum over the same rows, with far less padding); the row index breaks
-            # ties, so the same rows always make the same micro-batches whatever order they were drawn in
-            mine = sorted(mini[dist.rank::dist.world],
-                          key=lambda i: (rows.length("token_ids", i), rows.length("prompt_token_ids", i), i))
-            micro_batches = [mine[j:j + config.micro_batch] for j in range(0, len(mine), config.micro_batch)]
+            micro_batches = micro_batches_of(mini[dist.rank::dist.world], rows, config.micro_batch)
             optimizer.zero_grad(set_to_none=True)
             totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
             extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios

@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 from roll.objectives import OBJECTIVES
 from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.train import TrainConfig, run as train
-from roll.store import data_window
-from roll.store import Run, query
+from roll.store import Run, Shard, data_window, query
 
 from conftest import fixed_data_run, roll_cli, wait_for
 
@@ -174,3 +173,17 @@ def test_gradient_checkpointing_changes_memory_not_the_update(run_dir, tmp_path)
     before = load_file(Run(run_dir).policy_dir(0) / "model.safetensors")
     assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-4  # a real step was taken
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_rows_sampled_at_different_temperatures_are_each_scored_at_their_own(run_dir):
+    """One version's two shards sampled at T = 1.0 and T = 0.7, trained in one mini-batch: at the first step
+    π_θ = π_b, so every token ratio must be 1 up to float32 rounding of log-probs under other padding (~1e-6;
+    bound 1e-4). Scoring a micro-batch at its first row's temperature put the T = 0.7 rows' ratios far off."""
+    for index, temperature in ((0, 1.0), (1, 0.7)):
+        generate(GenerateConfig(run=run_dir, prompts=8, group_size=4, max_new_tokens=12, temperature=temperature,
+                                shard=Shard(index, 2)))
+    train(TrainConfig(run=run_dir, objective="pmd-mean", mini_batch=1000, micro_batch=64))
+    (low, high), = query(Run(run_dir), "select ratio_min, ratio_max from steps where step = 0").fetchall()
+    temperatures = query(Run(run_dir), "select distinct temperature from rollouts order by 1").fetchall()
+    assert temperatures == [(0.7,), (1.0,)]
+    assert 1 - 1e-4 < low <= high < 1 + 1e-4, (low, high)
