@@ -7,6 +7,11 @@ mean gap truth − bound, the mean absolute error of SNIPS and IPS, and whether 
 bound is among the top 3 by held-out pass@1.
 
     python -m roll.pipeline.ope_study RUN --out docs/experiments/ope [--lags 1,4,8] [--delta 0.05]
+    python -m roll.pipeline.ope_study RUN --held-out COPY --out …   # stale data no update trained on
+
+With `--held-out COPY`, RUN is copied to COPY and every version's rollouts there are replaced by fresh ones
+from the same checkpoint and sampler settings on train prompts no version of RUN sampled, then verified: the stale data is then not in-sample for any
+checkpoint, and each version's own (equally fresh) rollouts give its on-policy truth.
 
 The run needs every version's checkpoint (no `--keep-policies`) and an evaluation of every version
 (`roll iterate --eval-every 1`). Weighing is resumable: ope files already made are reused.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import random
 from pathlib import Path
 
 from roll.store import Run
@@ -40,6 +46,42 @@ def collect(run: Run, lags: tuple[int, ...], delta: float, rule: str) -> list[di
                          "on_policy_reward": on_policy.get(version, math.nan),
                          "held_out_pass1": held_out.get(version, math.nan)})
     return rows
+
+
+def held_out_copy(run: Run, copy: Path) -> Run:
+    """`run` copied to `copy` (checkpoints, evals; no ope files) with each version d's rollouts resampled from
+    checkpoint d on train prompts no version of `run` sampled (disjoint across versions), then verified."""
+    import shutil
+
+    from roll.pipeline.prepare import prepare
+    from roll.policy import load_policy, pick_device
+    from roll.rollouts import prompt_tokens, sample_rollouts
+
+    if not (copy / "run.toml").is_file():
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("ope", "rollouts", "verdicts", "scores", ".locks"))
+    target = Run(copy)
+    prompts = run.read_prompts()
+    train_ids = [p for p, split in zip(prompts.column("prompt_id").to_pylist(), prompts.column("split").to_pylist())
+                 if split == "train"]
+    used = set(run.connect(tables={"rollouts"}).execute("SELECT DISTINCT prompt_id FROM rollouts").fetchnumpy()["prompt_id"])
+    unused = [p for p in train_ids if p not in used]
+    random.Random("held-out").shuffle(unused)  # each version its own prompts, none of them read by any update
+    for version in run.versions("rollouts"):
+        if target.files("rollouts", version):
+            continue  # resumable: this version was resampled already
+        first = run.read_version("rollouts", version).slice(0, 1).to_pylist()[0]
+        count = len({r for r in run.read_version("rollouts", version).column("prompt_id").to_pylist()})
+        group = run.read_version("rollouts", version).num_rows // count
+        chosen = unused[version * count:(version + 1) * count]
+        model, tokenizer = load_policy(target.policy_dir(version), pick_device("auto"))
+        table = sample_rollouts(model, tokenizer, version, chosen, prompt_tokens(prompts, tokenizer, chosen),
+                                group_size=group, max_new_tokens=first["max_new_tokens"], temperature=first["temperature"],
+                                top_p=first["top_p"], seed=7, batch_size=256, backend="hf",
+                                description=f"held-out rollouts of v{version}")
+        target.commit_shard("rollouts", version, "part-00000-of-00001.parquet", table)
+    prepare(target, target.versions("rollouts"), ref=False)
+    return target
 
 
 def tabulate(rows: list[dict], lags: tuple[int, ...]) -> list[str]:
@@ -72,9 +114,11 @@ def main() -> None:
     parser.add_argument("--lags", default="1,4,8")
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--lambda", dest="rule", default="auto")
+    parser.add_argument("--held-out", type=Path, default=None, help="copy the run here with held-out stale data")
     args = parser.parse_args()
     lags = tuple(int(x) for x in args.lags.split(","))
-    rows = collect(Run(args.run), lags, args.delta, args.rule)
+    run = held_out_copy(Run(args.run), args.held_out) if args.held_out else Run(args.run)
+    rows = collect(run, lags, args.delta, args.rule)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "ope.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

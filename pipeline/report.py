@@ -70,9 +70,18 @@ def run(config: ReportConfig) -> dict:
     data = {r.root.name if len({x.root.name for x in runs}) == len(runs) else str(r.root): collect(r) for r in runs}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    plot_pass1(plt, data, out / "pass1.png")
+    plot_training(plt, data, out / "training.png")
+    plot_regimes(plt, data, out / "regimes.png")
+    if any(d["ope"] for d in data.values()):
+        plot_ope(plt, data, out / "ope.png")
+    summary = write_summary(data, out)
+    return {"out": str(out), "runs": summary, "files": sorted(p.name for p in out.iterdir())}
 
-    # against optimiser steps and completions generated, not versions: a version of S steps (sync interval S)
-    # and S versions of one step then sit at the same place on the axis
+
+def plot_pass1(plt, data: dict, path: Path) -> None:
+    """Held-out pass@1 against optimiser steps and against completions generated, not versions: a version of
+    S steps (sync interval S) and S versions of one step then sit at the same place on the axis."""
     fig, (by_steps, by_samples) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, d in data.items():
         versions = [row["policy_version"] for row in d["pass1"]]
@@ -87,9 +96,12 @@ def run(config: ReportConfig) -> dict:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "pass1.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def plot_training(plt, data: dict, path: Path) -> None:
+    """Entropy, KL(π_b‖π_θ), clip fraction, ESS and the signed log-ratio Δ per optimiser step."""
     fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     panels = (("entropy", "token entropy of π_θ (nats)"), ("kl", "KL(π_b‖π_θ) per token (k3, nats)"),
               ("clip", "clip fraction (share of tokens)"), ("ess", "ESS of sequence weights e^Δ (share)"),
@@ -103,9 +115,12 @@ def run(config: ReportConfig) -> dict:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def plot_regimes(plt, data: dict, path: Path) -> None:
+    """Share of groups in each Lambert regime by lag (bars side by side per run), and median k by lag."""
     fig, (shares, median_k) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(len(data), 1)
     labelled: set[str] = set()
@@ -133,12 +148,12 @@ def run(config: ReportConfig) -> dict:
     median_k.grid(alpha=0.3)
     median_k.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "regimes.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    if any(d["ope"] for d in data.values()):
-        plot_ope(plt, data, out / "ope.png")
 
+def write_summary(data: dict, out: Path) -> dict:
+    """summary.md: one row per run (objective, lag, pass@1 first and final, entropy, regime shares), the figures."""
     lines = ["# roll report", "", "| run | objective | max lag | updates | first pass@1 | final pass@1 | final entropy | "
              "pessimistic | boundary | optimistic |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
@@ -158,7 +173,7 @@ def run(config: ReportConfig) -> dict:
     if (out / "ope.png").exists():
         lines += ["![ope](ope.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
-    return {"out": str(out), "runs": summary, "files": sorted(p.name for p in out.iterdir())}
+    return summary
 
 
 def plot_ope(plt, data: dict, path: Path) -> None:

@@ -40,6 +40,24 @@ def option(default=dataclasses.MISSING, help: str = "", *, factory=None, flag: s
     return dataclasses.field(default=default, metadata=metadata)
 
 
+# Options several stages share, each declared here once (a field object cannot be shared between dataclasses,
+# so each is a function that makes a fresh one).
+def device_option():
+    return option("auto", "auto, cpu or cuda.")
+
+
+def rollout_shard_option():
+    from roll.store import Shard
+
+    return option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
+                  factory=lambda: Shard(0, 1))
+
+
+def versions_option():
+    return option(None, "Behaviour version to process (repeatable). [default: every version with rollouts]",
+                  flag="--version", repeatable=True, show_default=False)
+
+
 class ShardType(click.ParamType):
     """--shard i/N, parsed by the store (a bad value is one line and exit 2, as every bad input)."""
     name = "i/N"

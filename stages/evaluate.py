@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import device_option, option
 from roll.metrics import majority_correct, pass_at_k
 from roll.store import Run, write_table
 
@@ -33,7 +33,7 @@ class EvaluateConfig:
     batch_size: int = option(256, "Sequences per forward pass.")
     seed: int = option(0, "Random seed of the sampler.")
     timeout: float = option(5.0, "Hard bound in seconds on checking one answer.")
-    device: str = option("auto", "auto, cpu or cuda.")
+    device: str = device_option()
     force: bool = option(False, "Re-evaluate a committed version and dataset.")
 
 def held_out_prompts(run: Run, dataset: str | None, tokenizer) -> tuple[str, list[dict]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import device_option, option
 from roll.store import Run, Shard
 
 BACKENDS = ("hf", "vllm")
@@ -36,7 +36,7 @@ class GenerateConfig:
     batch_size: int = option(256, "Sequences per forward pass while sampling.", group="sampling")
     backend: str = option("hf", "Generation engine: hf (transformers, CPU or GPU) or vllm (GPU only, untested here).",
                           choices=BACKENDS, group="sampling")
-    device: str = option("auto", "auto, cpu or cuda.")
+    device: str = device_option()
     force: bool = option(False, "Regenerate a shard that is already committed.")
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import device_option, option, rollout_shard_option
 from roll.store import Run, Shard, shard_index
 
 
@@ -32,10 +32,9 @@ class OpeConfig:
     delta: float = option(0.05, "The lower bound holds with probability >= 1 - delta.")
     lambda_rule: str = option("auto", "λ of logarithmic smoothing: auto (best of a fixed grid, union bound), sqrt "
                                       "(1/sqrt(n), the paper's code) or a number.", flag="--lambda")
-    shard: Shard = option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
-                          factory=lambda: Shard(0, 1))
+    shard: Shard = rollout_shard_option()
     batch_size: int = option(64, "Sequences per forward pass.")
-    device: str = option("auto", "auto, cpu or cuda.")
+    device: str = device_option()
     force: bool = option(False, "Recompute log-weights already committed.")
 
 def check_config(config: OpeConfig) -> None:

@@ -16,19 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import device_option, option, rollout_shard_option, versions_option
 from roll.store import Run, Shard
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     run: Path  # run directory
-    versions: tuple[int, ...] | None = option(None, "Behaviour version to process (repeatable). [default: every version with rollouts]", flag="--version", repeatable=True,
-                                              show_default=False)
-    shard: Shard = option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
-                          factory=lambda: Shard(0, 1))
+    versions: tuple[int, ...] | None = versions_option()
+    shard: Shard = rollout_shard_option()
     batch_size: int = option(64, "Sequences per forward pass.")
-    device: str = option("auto", "auto, cpu or cuda.")
+    device: str = device_option()
     ref: bool = option(True, "Also π_ref's log-probs (--no-ref: one forward pass fewer; train re-scores if its objective "
                              "needs them).")
     force: bool = option(False, "Re-score committed shards.")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import device_option, option
 from roll.objectives import ObjectiveConfig, get_objective, uses_reference
 from roll.store import Run, data_window
 from roll.window import Window
@@ -60,7 +60,7 @@ class TrainConfig(ObjectiveConfig):
     micro_batch: int = option(64, "Completions per forward/backward (gradient accumulation).", group="training")
     grad_clip: float = option(1.0, "Max global gradient norm (0 = off).", group="training")
     seed: int = option(0, "Random seed of the row shuffling.")
-    device: str = option("auto", "auto, cpu or cuda.")
+    device: str = device_option()
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
     force: bool = option(False, "Retrain version v+1 even if it exists.")
 

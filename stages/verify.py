@@ -12,17 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import option, rollout_shard_option, versions_option
 from roll.store import Run, Shard
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
     run: Path  # run directory
-    versions: tuple[int, ...] | None = option(None, "Behaviour version to process (repeatable). [default: every version with rollouts]", flag="--version", repeatable=True,
-                                              show_default=False)
-    shard: Shard = option(help="This process's part i/N: the rollout files whose index is i modulo N (a Slurm array task).",
-                          factory=lambda: Shard(0, 1))
+    versions: tuple[int, ...] | None = versions_option()
+    shard: Shard = rollout_shard_option()
     verifier: str | None = option(None, "Verifier. [default: chosen from each prompt's task]", choices=("arith", "math"),
                                   show_default=False)
     timeout: float = option(5.0, "Hard bound in seconds on checking one answer.")
