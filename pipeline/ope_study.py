@@ -57,8 +57,9 @@ def held_out_copy(run: Run, copy: Path) -> Run:
     from roll.policy import load_policy, pick_device
     from roll.rollouts import prompt_tokens, sample_rollouts
 
-    if not (copy / "run.toml").is_file():
-        shutil.rmtree(copy, ignore_errors=True)
+    if copy.exists() and not (copy / "run.toml").is_file():
+        raise SystemExit(f"{copy}: exists and is not a run; choose a new directory for the held-out copy")
+    if not copy.exists():
         shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("ope", "rollouts", "verdicts", "scores", ".locks"))
     target = Run(copy)
     prompts = run.read_prompts()

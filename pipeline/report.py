@@ -29,11 +29,16 @@ QUERIES = {
                           objective FROM steps ORDER BY global_step""",
     "regimes": """SELECT lag, regime, count(*) AS groups FROM groups GROUP BY 1, 2 ORDER BY 1, 2""",
     "median_k": """SELECT lag, median(k) AS median_k FROM groups WHERE NOT isnan(k) GROUP BY 1 ORDER BY 1""",
-    # the latest summary of each (target, data range); on-policy reward: the mean over v's own rollouts
+    # one summary per (target, data version): roll ope's default settings (δ 0.05, λ auto) where they were run,
+    # else the smallest δ; on-policy reward: the mean over v's own rollouts
     "ope": """SELECT o.target_version AS version, o.target_version - o.data_hi AS lag, o.ls_bound, o.snips,
                      (SELECT avg(reward) FROM verdicts v WHERE v.policy_version = o.target_version) AS on_policy,
                      (SELECT avg(correct::DOUBLE) FROM evals e WHERE e.policy_version = o.target_version) AS held_out
-              FROM ope_summary o WHERE o.data_lo = o.data_hi ORDER BY 2, 1""",
+              FROM ope_summary o WHERE o.data_lo = o.data_hi
+              QUALIFY row_number() OVER (PARTITION BY o.target_version, o.data_lo
+                                         ORDER BY (o.delta = 0.05 AND o.lambda_rule = 'auto') DESC, o.delta,
+                                                  o.lambda_rule) = 1
+              ORDER BY 2, 1""",
     "meta": """SELECT any_value(objective) AS objective, max(lag) AS max_lag, count(DISTINCT policy_version) AS updates
                FROM groups""",
 }

@@ -93,7 +93,9 @@ def evaluate(log_weights, rewards, prompts, delta: float = 0.05, rule: str | flo
     prompts = np.asarray(prompts)
     log_z = log_prompt_values(log_weights, rewards, prompts)
     lam, bound = choose_lambda(log_z, rule, delta)
-    shifted = np.exp(log_weights - log_weights.max())  # w / max w: ratios of weights are all that SNIPS and ESS need
+    peak = log_weights.max()
+    # w / max w: ratios of weights are all that SNIPS and ESS need (every weight 0: both undefined, NaN)
+    shifted = np.exp(log_weights - peak) if np.isfinite(peak) else np.full(len(log_weights), np.nan)
     with np.errstate(divide="ignore"):
         positive = rewards > 0
         log_ips = (float(np.logaddexp.reduce(log_weights[positive] + np.log(rewards[positive]))) - math.log(len(rewards))

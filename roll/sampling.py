@@ -13,15 +13,22 @@ import torch
 import torch.utils.checkpoint
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def sampling_logprobs(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float) -> torch.Tensor:
     """Log-probs (…, V) of the sampling distribution for raw `logits` (…, V).
 
     temperature > 0: log softmax(logits / T) restricted to the top-p nucleus (the smallest set of tokens,
     most probable first, whose mass reaches top_p; at least one token), renormalised.
     temperature == 0 (greedy): the sampled distribution is a point mass, whose log-prob is uselessly 0, so
     — as vLLM and TRL report it — we return the model's own log softmax(logits) at T = 1.
+    A (B,) tensor of temperatures applies one per row (logits (B, …, V)): a training micro-batch can hold rows
+    of versions sampled at different temperatures. Only with top_p = 1, which is how train calls it.
     """
     logits = logits.float()
+    if isinstance(temperature, torch.Tensor):
+        if top_p < 1.0:
+            raise ValueError("per-row temperatures are only supported with top_p = 1")
+        per_row = torch.where(temperature == 0, torch.ones_like(temperature), temperature).to(logits)
+        return torch.log_softmax(logits / per_row.view(-1, *([1] * (logits.dim() - 1))), dim=-1)
     if temperature == 0:
         return torch.log_softmax(logits, dim=-1)
     logits = logits / temperature
@@ -236,7 +243,7 @@ def score_rows(model, rows: list[dict], batch_size: int, top_p_override: float |
 HEAD_CHUNK_ELEMENTS = 1 << 24
 
 
-def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float | list[float],
                         top_p: float = 1.0, with_entropy: bool = False, chunked: bool | None = None):
     """Teacher-forced log-probs of each completion token, batched: ((B, T) log-probs, (B, T) mask).
 
@@ -254,6 +261,8 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     wrapper must run its own forward, so a wrapped model takes the whole-head path (`chunked=False`).
     """
     device = next(model.parameters()).device
+    if isinstance(temperature, (list, tuple)):  # one per row (see sampling_logprobs)
+        temperature = torch.tensor(temperature, dtype=torch.float32, device=device)
     width, longest = max(len(p) for p in prompts), max(len(c) for c in completions)
     input_ids = torch.zeros((len(prompts), width + longest), dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width + longest), dtype=torch.long)

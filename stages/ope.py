@@ -10,6 +10,9 @@ seen: the estimate then covers π_b's support only, which for rewards ≥ 0 bias
 Rows go to `ope/version=V/from-dddd-<rollout file>` (one file per rollout file, so `--shard i/N` and Slurm
 arrays split the work as score does, and a killed run resumes); once every file of the range is there, the
 estimates (roll.ope.evaluate: LS estimate and lower bound, IPS, SNIPS, ESS) go to one `ope_summary` row.
+A file is redone when its rollouts were regenerated; after retraining V itself (`roll train --force`) or
+re-verifying with other settings, rerun with `--force`: the files do not record V's weights or the rewards'
+settings.
 """
 from __future__ import annotations
 
@@ -114,8 +117,11 @@ def summarise(run_dir: Run, version: int, lo: int, hi: int, delta: float, rule: 
     from roll.ope import evaluate
     from roll.store import SCHEMAS, read_table, write_table
 
-    paths = [run_dir.ope_rows_path(version, d, name) for d in range(lo, hi + 1) for name in run_dir.files("rollouts", d)]
-    if not all(p.exists() for p in paths):
+    files = [(d, name) for d in range(lo, hi + 1) for name in run_dir.files("rollouts", d)]
+    paths = [run_dir.ope_rows_path(version, d, name) for d, name in files]
+    # every file there, and made from the rollouts now committed (not from ones since regenerated)
+    if not all(p.exists() and run_dir.generation_of("ope", version, p.name) == run_dir.generation_of("rollouts", d, name)
+               for p, (d, name) in zip(paths, files)):
         return None
     rows = pa.concat_tables([read_table(p, "ope") for p in paths])
     prompts = [f"{d}/{p}" for d, p in zip(rows.column("policy_version").to_pylist(), rows.column("prompt_id").to_pylist())]

@@ -16,7 +16,6 @@ log-probs are computed at the temperature that produced each sample (no top-p, a
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import random
 import sys
@@ -372,18 +371,19 @@ def mini_batches(groups: list[list[int]], size: int, rng: random.Random) -> list
 
 
 def micro_batches_of(mine: list[int], rows: Window, size: int) -> list[list[int]]:
-    """This rank's rows of a step in micro-batches of at most `size`: one sampling temperature per micro-batch
-    (π_θ's log-probs are computed at the temperature that produced the rows; a lag window can hold versions
-    sampled at different ones), shortest first within it, so each pads to a similar length (length bucketing:
-    a step's gradient is the same sum over the same rows, with far less padding). The row index breaks ties,
-    so the same rows always make the same micro-batches whatever order they were drawn in."""
-    temperature = rows.scalars["temperature"]
-    mine = sorted(mine, key=lambda i: (temperature[i], rows.length("token_ids", i), rows.length("prompt_token_ids", i), i))
-    out = []
-    for _, same in itertools.groupby(mine, key=lambda i: temperature[i]):
-        same = list(same)
-        out += [same[j:j + size] for j in range(0, len(same), size)]
-    return out
+    """This rank's rows of a step in micro-batches of at most `size`, shortest first, so each pads to a similar
+    length (length bucketing: a step's gradient is the same sum over the same rows, with far less padding).
+    The row index breaks ties, so the same rows always make the same micro-batches whatever order they were
+    drawn in."""
+    mine = sorted(mine, key=lambda i: (rows.length("token_ids", i), rows.length("prompt_token_ids", i), i))
+    return [mine[j:j + size] for j in range(0, len(mine), size)]
+
+
+def row_temperatures(batch_rows) -> float | list[float]:
+    """The temperature π_θ's log-probs are computed at: the one that produced each row (a lag window can hold
+    versions sampled at different temperatures), one number when the micro-batch shares it."""
+    temperatures = [r["temperature"] for r in batch_rows]
+    return temperatures[0] if len(set(temperatures)) == 1 else temperatures
 
 
 def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainConfig, version: int,
@@ -433,7 +433,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
                 with autocast(device, dtype):
                     logprobs, mask, entropy = completion_logprobs(
                         wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
-                        batch_rows[0]["temperature"], 1.0, with_entropy=True)
+                        row_temperatures(batch_rows), 1.0, with_entropy=True)
                 batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
                               ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
                               advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
@@ -480,7 +480,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
         with torch.no_grad(), autocast(device, dtype):
             batch_rows = [rows[i] for i in micro_batches[0]]
             logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
-                                                 [r["token_ids"] for r in batch_rows], batch_rows[0]["temperature"], 1.0)
+                                                 [r["token_ids"] for r in batch_rows], row_temperatures(batch_rows), 1.0)
             records[-1]["probe_finite"] = bool(torch.isfinite(logprobs[mask]).all())
     return records, first_use
 

@@ -99,3 +99,20 @@ def test_optimizer_state_saved_by_two_ranks_resumes_in_one_process_and_back(run_
             for moment in ("exp_avg", "exp_avg_sq"):
                 a, b = state[name][moment], state_reference[name][moment]
                 assert (a - b).norm() <= 1e-3 * b.norm() + 1e-12, (name, moment)
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_ranks_train_rows_sampled_at_two_temperatures(run_dir, sharding):
+    """One version's shards sampled at T = 1.0 (3 prompts) and 0.5 (5), G = 3, on 2 ranks in micro-batches of 2: every rank
+    runs the same number of forward/backward passes (each is a collective step), so the update ends — splitting
+    micro-batches by temperature once hung FSDP and aborted DDP — and at the first step π_θ = π_b, so every
+    token ratio is 1 up to float32 rounding of log-probs under other padding (~1e-6; bound 1e-4)."""
+    from roll.store import query
+
+    for index, temperature in ((0, 1.0), (1, 0.5), (2, 0.5)):  # 3 prompts at T = 1, 5 at T = 0.5
+        generate(GenerateConfig(run=run_dir, prompts=8, group_size=3, max_new_tokens=10, temperature=temperature,
+                                shard=Shard(index, 3)))
+    prepare(Run(run_dir), [0])
+    torchrun_train(run_dir, "--objective", "pmd-mean", "--mini-batch", 1000, "--micro-batch", 2, *sharding)
+    (low, high), = query(Run(run_dir), "select ratio_min, ratio_max from steps where step = 0").fetchall()
+    assert 1 - 1e-4 < low <= high < 1 + 1e-4, (low, high)

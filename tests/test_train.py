@@ -182,7 +182,7 @@ def test_rows_sampled_at_different_temperatures_are_each_scored_at_their_own(run
     for index, temperature in ((0, 1.0), (1, 0.7)):
         generate(GenerateConfig(run=run_dir, prompts=8, group_size=4, max_new_tokens=12, temperature=temperature,
                                 shard=Shard(index, 2)))
-    train(TrainConfig(run=run_dir, objective="pmd-mean", mini_batch=1000, micro_batch=64))
+    train(TrainConfig(run=run_dir, objective="pmd-mean", mini_batch=1000, micro_batch=5))  # micro-batches mix them
     (low, high), = query(Run(run_dir), "select ratio_min, ratio_max from steps where step = 0").fetchall()
     temperatures = query(Run(run_dir), "select distinct temperature from rollouts order by 1").fetchall()
     assert temperatures == [(0.7,), (1.0,)]
