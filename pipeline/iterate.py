@@ -61,7 +61,7 @@ def run(config: IterateConfig) -> dict:
     if config.sync_interval > 1:  # S slices of P prompts (whole groups) per version, one optimiser step each
         trn = replace(trn, mini_batch=gen.prompts * gen.group_size)
         gen = replace(gen, prompts=gen.prompts * config.sync_interval)
-    needs_ref = uses_reference(trn.objective, trn.objective_config())  # else score skips π_ref's forward
+    needs_ref = uses_reference(trn.objective, trn)  # else score skips π_ref's forward
     started = time.perf_counter()
     evals, timings = [], []
 

@@ -21,7 +21,7 @@ from roll.pipeline.report import ReportConfig
 from roll.pipeline.retention import GcConfig
 from roll.pipeline.slurm import SlurmConfig
 from roll.pipeline.sweep import SweepConfig
-from roll.runs import InitConfig
+from roll.runs import InitConfig, default_run_path, ensure_run
 from roll.stages.evaluate import EvaluateConfig
 from roll.stages.generate import GenerateConfig
 from roll.stages.ope import OpeConfig
@@ -29,7 +29,6 @@ from roll.stages.score import ScoreConfig
 from roll.stages.train import TrainConfig
 from roll.stages.verify import VerifyConfig
 from roll.warmstart import WarmstartConfig
-
 
 
 class RollGroup(click.Group):
@@ -53,6 +52,16 @@ def run_option(f):
     return click.option("--run", "run_path", type=click.Path(path_type=Path), default=None,
                         help="Run directory. [default: $ROLL_RUN, else ./runs/default; created from the "
                              "embedded default if missing]")(f)
+
+
+def existing_run(run_path):
+    """The run at --run (or the default path), which must exist: reading commands do not create one."""
+    from roll.store import Run
+
+    run = Run(run_path or default_run_path())
+    if not run.exists():
+        raise RollError(f"{run.root}: no run here (create one with `roll init` or `roll generate`)")
+    return run
 
 
 def json_safe(value):
@@ -94,7 +103,7 @@ def init(run_path, **values):
     Example:
       roll init --run runs/exp1 --task arith
     """
-    from roll.runs import default_run_path, init_run
+    from roll.runs import init_run
 
     print_summary(init_run(InitConfig(run=run_path or default_run_path(), **config_values(InitConfig, values))))
 
@@ -129,7 +138,6 @@ def generate(run_path, **values):
     Example:
       roll generate --prompts 64 --group-size 8 --shard 0/2
     """
-    from roll.runs import ensure_run
     from roll.stages.generate import run as run_generate
 
     print_summary(run_generate(GenerateConfig(run=ensure_run(run_path).root, **config_values(GenerateConfig, values))))
@@ -145,7 +153,6 @@ def verify(run_path, **values):
     Example:
       roll verify --version 0 --shard 0/4
     """
-    from roll.runs import ensure_run
     from roll.stages.verify import run as run_verify
 
     print_summary(run_verify(VerifyConfig(run=ensure_run(run_path).root, **config_values(VerifyConfig, values))))
@@ -161,7 +168,6 @@ def score(run_path, **values):
     Example:
       roll score --version 0
     """
-    from roll.runs import ensure_run
     from roll.stages.score import run as run_score
 
     print_summary(run_score(ScoreConfig(run=ensure_run(run_path).root, **config_values(ScoreConfig, values))))
@@ -180,14 +186,9 @@ def ope(run_path, **values):
     Example:
       roll ope --version 8 --data-versions 4..7
     """
-    from roll.runs import default_run_path
     from roll.stages.ope import run as run_ope
-    from roll.store import Run
 
-    run = Run(run_path or default_run_path())
-    if not run.exists():
-        raise RollError(f"{run.root}: no run here")
-    print_summary(run_ope(OpeConfig(run=run.root, **config_values(OpeConfig, values))))
+    print_summary(run_ope(OpeConfig(run=existing_run(run_path).root, **config_values(OpeConfig, values))))
 
 
 @cli.command()
@@ -203,7 +204,6 @@ def train(run_path, nproc, **values):
     Example:
       roll generate && roll train --objective stable-pess
     """
-    from roll.runs import ensure_run
     from roll.stages.train import run as run_train
 
     root = ensure_run(run_path).root
@@ -246,7 +246,6 @@ def iterate(run_path, seed, device, **values):
       roll iterate --iterations 20 --objective stable-pess --lag 2
     """
     from roll.pipeline.iterate import run as run_iterate
-    from roll.runs import ensure_run
 
     root = ensure_run(run_path).root
     config = IterateConfig(
@@ -270,7 +269,6 @@ def gc(run_path, **values):
       roll gc --keep 3 --lag 2
     """
     from roll.pipeline.retention import run as run_gc
-    from roll.runs import default_run_path
 
     print_summary(run_gc(GcConfig(run=run_path or default_run_path(), **config_values(GcConfig, values))))
 
@@ -285,7 +283,6 @@ def evaluate(run_path, **values):
     Example:
       roll evaluate --k 8 --temperature 1.0
     """
-    from roll.runs import ensure_run
     from roll.stages.evaluate import run as run_evaluate
 
     print_summary(run_evaluate(EvaluateConfig(run=ensure_run(run_path).root, **config_values(EvaluateConfig, values))))
@@ -346,10 +343,9 @@ def report(**values):
       roll report --run runs/ppo-lag4 --run runs/stable-pess-lag4 --out report/
     """
     from roll.pipeline.report import run as run_report
-    from roll.runs import default_run_path
 
     config = config_values(ReportConfig, values)
-    print_summary(run_report(ReportConfig(**{**config, "runs": tuple(config["runs"] or ()) or (default_run_path(),)})))
+    print_summary(run_report(ReportConfig(**{**config, "runs": config["runs"] or (default_run_path(),)})))
 
 
 @cli.group()
@@ -375,7 +371,6 @@ def slurm_render(run_path, out, **values):
       roll slurm render --iterations 4 --array-size 8 --gpus-per-train 2 --lag 1 --out slurm/ && bash slurm/submit.sh
     """
     from roll.pipeline.slurm import render, write
-    from roll.runs import default_run_path
 
     config = SlurmConfig(run=(run_path or default_run_path()).resolve(), **config_values(SlurmConfig, values))
     if out:
@@ -392,20 +387,16 @@ def slurm_render(run_path, out, **values):
 def sql(query, run_path, fmt):
     """Run a read-only SQL QUERY over the run's tables with DuckDB.
 
-    Views: prompts, rollouts, verdicts, scores, samples (their join), steps, groups, evals.
+    Views: prompts, rollouts, verdicts, scores, samples (their join), steps, groups, evals, ope, ope_summary.
 
     \b
     Example:
       roll sql "select policy_version, count(*), avg(num_tokens) from rollouts group by 1"
     """
-    from roll.runs import default_run_path
     from roll.sql import print_result
-    from roll.store import Run, query as run_query
+    from roll.store import query as run_query
 
-    run = Run(run_path or default_run_path())
-    if not run.exists():
-        raise RollError(f"{run.root}: no run here (create one with `roll init` or `roll generate`)")
-    print_result(run_query(run, query), fmt)
+    print_result(run_query(existing_run(run_path), query), fmt)
 
 
 @cli.command()

@@ -97,7 +97,7 @@ class CommaList(click.ParamType):
             raise RollError(f"--{param.name.replace('_', '-')} {value}: expected comma-separated {self.item.__name__}s") from None
 
 
-def _click_type(hint, default, meta):
+def _click_type(hint, meta):
     """(click type, multiple) for a field's type hint."""
     if meta["choices"]:
         return click.Choice(list(meta["choices"])), False
@@ -120,19 +120,17 @@ def _click_type(hint, default, meta):
     return None, False
 
 
-def options_of(cls, group: str | None = None, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> list[click.Option]:
+def options_of(cls, group: str | None = None, only: tuple[str, ...] = ()) -> list[click.Option]:
     """click Options for `cls`'s fields that carry help (only those of `group`, or named in `only`, when given)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if not meta.get("help") or f.name in exclude or (group is not None and meta.get("group") != group):
-            continue
-        if only and f.name not in only:
+        if not meta.get("help") or (group is not None and meta.get("group") != group) or (only and f.name not in only):
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        kind, multiple = _click_type(hints[f.name], default, meta)
+        kind, multiple = _click_type(hints[f.name], meta)
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         if hints[f.name] is bool and default is False:
             decl, extra = [flag], {"is_flag": True}
@@ -150,10 +148,10 @@ def options_of(cls, group: str | None = None, exclude: tuple[str, ...] = (), onl
     return out
 
 
-def config_options(cls, group: str | None = None, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()):
+def config_options(cls, group: str | None = None, only: tuple[str, ...] = ()):
     """Decorator: add `cls`'s options to a click command, in field order."""
     def apply(command):
-        params = options_of(cls, group, exclude, only)
+        params = options_of(cls, group, only)
         command.__click_params__ = getattr(command, "__click_params__", []) + list(reversed(params))
         return command
     return apply

@@ -11,6 +11,7 @@ from pathlib import Path
 from roll import __version__
 from roll.errors import RollError
 from roll.options import option
+from roll.policy import DTYPES
 from roll.store import Run, write_table
 
 DEFAULT_RUN = Path("runs") / "default"
@@ -29,7 +30,8 @@ class InitConfig:
                                show_default=False)
     seed: int = option(0, "Seed of the built-in task's train/test generator.")
     dtype: str = option("auto", "Weights' dtype, kept by every commit (auto: the checkpoint's own). bf16 trains with fp32 "
-                                "master weights.", choices=("auto", "bfloat16", "float16", "float32"))
+                                "master weights.", choices=DTYPES)
+
 
 def default_model_dir() -> Path:
     from roll.data import DEFAULT_MODEL_DIR
@@ -69,7 +71,7 @@ def init_run(config: InitConfig) -> dict:
     """Create a run: prompts table, policy v0000 and run.toml, built aside and renamed into place."""
     import torch
 
-    from roll.policy import DTYPES, check_model_path, load_policy, save_policy
+    from roll.policy import check_model_path, load_policy, save_policy
     from roll.tasks import build_prompts
 
     run = Run(config.run)

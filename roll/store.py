@@ -147,6 +147,14 @@ def shard_index(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def settings_key(settings: dict) -> str:
+    """A short content hash of a file's settings, part of its name: other settings, another file."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
     """Behaviour versions [v − L − W + 1, v − L] read by update v → v+1, clamped at 0 (DESIGN §3.1)."""
     return max(0, version - lag - window + 1), max(0, version - lag)
@@ -365,20 +373,12 @@ class Run:
 
     def ope_summary_path(self, target: int, lo: int, hi: int, settings: dict) -> Path:
         """One summary per (target, data versions lo..hi, δ and λ rule)."""
-        import hashlib
-        import json
-
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        return self.version_dir("ope_summary", target) / f"summary-{lo:04d}-{hi:04d}-{key}.parquet"
+        return self.version_dir("ope_summary", target) / f"summary-{lo:04d}-{hi:04d}-{settings_key(settings)}.parquet"
 
     def eval_path(self, version: int, dataset: str, settings: dict) -> Path:
         """One file per (version, dataset, sampling settings): an evaluation with another k, limit,
         temperature, top-p, length or seed is another file, never a relabelled cache hit."""
-        import hashlib
-        import json
-
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-        return self.version_dir("evals", version) / f"{dataset}-{key}.parquet"
+        return self.version_dir("evals", version) / f"{dataset}-{settings_key(settings)}.parquet"
 
     # what is committed -------------------------------------------------------------------------------
     def policy_versions(self) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from roll.errors import RollError
@@ -70,8 +70,7 @@ def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int
     return chosen
 
 
-def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_ids: list[str], config: GenerateConfig,
-                         seed: int):
+def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: list[str], config: GenerateConfig):
     """The same rows from vLLM (GPU): weights from the version's checkpoint directory, sampler log-probs of
     the processed distribution (temperature and top-p applied, vLLM's logprobs_mode="processed_logprobs").
 
@@ -95,28 +94,29 @@ def sample_rollouts_vllm(policy_dir: Path, run_dir: Run, version: int, prompt_id
     from roll.sampling import Sample, prompt_seed, stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
-    encoded = prompt_tokens(run_dir.read_prompts(), tokenizer, prompt_ids)
+    encoded = prompt_tokens(prompts, tokenizer, prompt_ids)
     check_context(AutoConfig.from_pretrained(str(policy_dir)), encoded, prompt_ids, config.max_new_tokens)
     try:
         generation_config = GenerationConfig.from_pretrained(str(policy_dir))
     except OSError:  # a checkpoint without generation_config.json
         generation_config = None
     stops = stop_token_ids(generation_config, tokenizer)
-    llm = LLM(model=str(policy_dir), seed=seed, dtype=checkpoint_dtype(policy_dir), logprobs_mode="processed_logprobs",
+    llm = LLM(model=str(policy_dir), seed=config.seed, dtype=checkpoint_dtype(policy_dir), logprobs_mode="processed_logprobs",
               max_model_len=max(len(ids) for ids in encoded) + config.max_new_tokens)
+    request_seeds = [prompt_seed(config.seed, version, pid) for pid in prompt_ids]
     params = [SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
-                             max_tokens=config.max_new_tokens, logprobs=0, stop_token_ids=stops,
-                             seed=prompt_seed(seed, version, pid)) for pid in prompt_ids]
+                             max_tokens=config.max_new_tokens, logprobs=0, stop_token_ids=stops, seed=request_seed)
+              for request_seed in request_seeds]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
     rows = []
-    for pid, ids, output in zip(prompt_ids, encoded, outputs):
+    for pid, ids, output, request_seed in zip(prompt_ids, encoded, outputs, request_seeds):
         for sample_index, completion in enumerate(output.outputs):
             tokens = list(completion.token_ids)
             stopped = completion.finish_reason == "stop" and bool(tokens)
             sample = Sample(tokens, [step[token].logprob for step, token in zip(completion.logprobs, tokens)],
                             "stop" if stopped else "length", tokens[-1] if stopped else None)
             rows.append(rollout_row(version, pid, sample_index, ids, sample, completion.text, config.max_new_tokens,
-                                    config.temperature, config.top_p, prompt_seed(seed, version, pid) + sample_index, "vllm"))
+                                    config.temperature, config.top_p, request_seed + sample_index, "vllm"))
     return rollout_table(rows)
 
 
@@ -124,9 +124,6 @@ def run(config: GenerateConfig) -> dict:
     """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
     from roll.policy import check_context, load_policy, pick_device
     from roll.rollouts import prompt_tokens, sample_rollouts, warn_if_cut
-
-    from dataclasses import replace
-
     from roll.runs import run_max_new_tokens
 
     check_config(config)
@@ -158,10 +155,9 @@ def run(config: GenerateConfig) -> dict:
         raise RollError(f"{run_dir.prompts_path}: no prompts in the train split")
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
 
-    seed = config.seed  # each row's own seed derives from it, the version and the prompt (roll.sampling.group_seeds)
     started = time.perf_counter()
     if config.backend == "vllm":
-        table = sample_rollouts_vllm(policy_dir, run_dir, version, chosen, config, seed)
+        table = sample_rollouts_vllm(policy_dir, prompts, version, chosen, config)
     else:
         model, tokenizer = load_policy(policy_dir, pick_device(config.device))
         encoded = prompt_tokens(prompts, tokenizer, chosen)
@@ -169,7 +165,7 @@ def run(config: GenerateConfig) -> dict:
         started = time.perf_counter()  # hf: the stage's seconds measure sampling, not loading
         table = sample_rollouts(model, tokenizer, version, chosen, encoded,
                                 group_size=config.group_size, max_new_tokens=config.max_new_tokens,
-                                temperature=config.temperature, top_p=config.top_p, seed=seed,
+                                temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                 batch_size=config.batch_size, backend=config.backend,
                                 description=f"generate v{version} shard {config.shard}")
     seconds = time.perf_counter() - started

@@ -81,6 +81,13 @@ def units(run_dir: Run, lo: int, hi: int, shard: Shard) -> list[tuple[int, str, 
     return out
 
 
+def weighed(run_dir: Run, version: int, data_version: int, name: str) -> bool:
+    """Whether rollout file `name` of `data_version` has its log-weights under `version`, made from the rollouts
+    now committed (a file made from rollouts since regenerated is redone)."""
+    path = run_dir.ope_rows_path(version, data_version, name)
+    return path.exists() and run_dir.generation_of("ope", version, path.name) == run_dir.generation_of("rollouts", data_version, name)
+
+
 def weigh(model, run_dir: Run, version: int, data_version: int, name: str, path: Path, batch_size: int):
     """The `ope` rows of one rollout file: log-weights of its completions under `model` (policy `version`)."""
     import pyarrow as pa
@@ -118,11 +125,9 @@ def summarise(run_dir: Run, version: int, lo: int, hi: int, delta: float, rule: 
     from roll.store import SCHEMAS, read_table, write_table
 
     files = [(d, name) for d in range(lo, hi + 1) for name in run_dir.files("rollouts", d)]
-    paths = [run_dir.ope_rows_path(version, d, name) for d, name in files]
-    # every file there, and made from the rollouts now committed (not from ones since regenerated)
-    if not all(p.exists() and run_dir.generation_of("ope", version, p.name) == run_dir.generation_of("rollouts", d, name)
-               for p, (d, name) in zip(paths, files)):
+    if not all(weighed(run_dir, version, d, name) for d, name in files):
         return None
+    paths = [run_dir.ope_rows_path(version, d, name) for d, name in files]
     rows = pa.concat_tables([read_table(p, "ope") for p in paths])
     prompts = [f"{d}/{p}" for d, p in zip(rows.column("policy_version").to_pylist(), rows.column("prompt_id").to_pylist())]
     estimates = evaluate(rows.column("log_weight").to_numpy(), rows.column("reward").to_numpy(), prompts, delta,
@@ -144,9 +149,7 @@ def run(config: OpeConfig) -> dict:
     version = run_dir.latest_policy_version() if config.version is None else config.version
     policy_dir = run_dir.require_policy(version)
     lo, hi = data_range(run_dir, version, config.data_versions)
-    todo = [u for u in units(run_dir, lo, hi, config.shard)
-            if config.force or not run_dir.ope_rows_path(version, u[0], u[1]).exists()
-            or run_dir.generation_of("ope", version, f"from-{u[0]:04d}-{u[1]}") != run_dir.generation_of("rollouts", u[0], u[1])]
+    todo = [u for u in units(run_dir, lo, hi, config.shard) if config.force or not weighed(run_dir, version, u[0], u[1])]
     started = time.perf_counter()
     rows = 0
     if todo:

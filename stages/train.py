@@ -22,12 +22,12 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import device_option, option
 from roll.objectives import ObjectiveConfig, get_objective, uses_reference
+from roll.options import device_option, option
 from roll.store import Run, data_window
 from roll.window import Window
 
@@ -37,8 +37,8 @@ MIN_TEMPERATURE = 1e-8  # the Lambert solve is checked down to β = 1e-8 (tests/
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(ObjectiveConfig):
-    """An update's settings: the objective's own (β, β₁, s, clipping, KL weight: ObjectiveConfig, inherited)
-    and the optimiser's, the data's and the process's."""
+    """An update's settings: the objective's own (β, β₁, s, clipping, KL weight: ObjectiveConfig, inherited, so
+    the config itself is what the objective functions read) and the optimiser's, the data's and the process's."""
     run: Path  # run directory
     objective: str = option("stable-pess", "ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.", group="training")
     version: int | None = option(None, "Policy version v to update. [default: the latest committed]", show_default=False)
@@ -62,9 +62,6 @@ class TrainConfig(ObjectiveConfig):
     device: str = device_option()
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
     force: bool = option(False, "Retrain version v+1 even if it exists.")
-
-    def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
 
 
 def check_config(config: TrainConfig) -> None:
@@ -204,7 +201,7 @@ def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[
     if dist.is_main:  # π_ref's forward pass only when the objective reads it
         from roll.pipeline.prepare import prepare
 
-        prepare(run_dir, data_versions, ref=uses_reference(config.objective, config.objective_config()))
+        prepare(run_dir, data_versions, ref=uses_reference(config.objective, config))
     dist.barrier()  # every rank reads the same committed verdicts and scores
     rows = load_rows(run_dir, lo, hi)
     return check_groups(rows, config, dist), data_versions
@@ -242,7 +239,7 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
 
     from roll import lambert
 
-    objective, ocfg = get_objective(config.objective), config.objective_config()
+    objective = get_objective(config.objective)
     ref_values = {}
     if objective.value == "version0" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
         ref_values = reference_values(run_dir, rows, config)
@@ -253,7 +250,7 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
     records = []
     for (data_version, prompt_id), members in rows.groups().items():
         rewards = torch.tensor([rows.scalars["reward"][i] for i in members], dtype=torch.float64)
-        adv = objective.advantage(rewards, ocfg, ref_values.get(prompt_id))
+        adv = objective.advantage(rewards, config, ref_values.get(prompt_id))
         advantages[members] = adv
         target = lambert.solve(adv.numpy(), config.beta) if objective.regression else None
         records.append({
@@ -403,7 +400,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     from roll.progress import progress_bar
     from roll.sampling import completion_logprobs
 
-    objective, ocfg = get_objective(config.objective), config.objective_config()
+    objective = get_objective(config.objective)
     device = next(model.parameters()).device
     model.train()
     torch.manual_seed(config.seed)
@@ -437,7 +434,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
                 batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
                               ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
                               advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
-                loss, metrics = objective.loss(batch, ocfg)
+                loss, metrics = objective.loss(batch, config)
                 tokens = int(mask.sum())
                 share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
                 with dist.sync_if(index == len(micro_batches) - 1, wrapped):
