@@ -56,7 +56,9 @@ def check_model_path(model: str | Path) -> None:
     """Refuse a model that is neither a local checkpoint directory nor a plausible hub id."""
     path = Path(model)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        from roll.store import CHECKPOINT_CONFIGS
+
+        if not any((path / name).is_file() for name in CHECKPOINT_CONFIGS):
             raise RollError(f"model path {path}: no config.json (not a transformers checkpoint directory)")
         return
     looks_like_hub_id = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
@@ -99,7 +101,12 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def checkpoint_dtype(path: str | Path) -> str:
     """The dtype a checkpoint directory stores its weights in: config.json's `dtype` (`torch_dtype` in files
-    written before transformers 4.56), float32 when it says none."""
+    written before transformers 4.56), float32 when it says none; a LoRA version's is its base's."""
+    from roll.store import adapter_base
+
+    base = adapter_base(path)
+    if base is not None:
+        return checkpoint_dtype(base)
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
@@ -117,27 +124,34 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     rounding step, so continuing from the rounded weights would drop it.
 
     Inside `keep_loaded`, a model already in memory is returned instead: shared when loaded to evaluate,
-    handed over (and forgotten) when loaded `to_train` — unless it is not float32 (a bf16 sampler's copy)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    handed over (and forgotten) when loaded `to_train` — unless it is not float32 (a bf16 sampler's copy).
 
-    from roll.store import MASTER_WEIGHTS
+    A LoRA version (DESIGN §3.1c) is its base checkpoint read from disk with the adapter merged in, or, to
+    train, the base in float32 with the adapter trainable (a PeftModel)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from roll.store import adapter_base
 
     key = _cache_key(path, device)
+    base = adapter_base(path) if Path(path).is_dir() else None
     if _LOADED is not None and key in _LOADED:
-        model, tokenizer = _LOADED.pop(key) if to_train else _LOADED[key]
-        if not to_train or next(model.parameters()).dtype == torch.float32:
+        if not to_train:
+            model, tokenizer = _LOADED[key]
             return model.eval(), tokenizer
+        if base is None:  # a merged LoRA version stays: training reads its adapter from disk
+            model, tokenizer = _LOADED.pop(key)
+            if next(model.parameters()).dtype == torch.float32:
+                return model.eval(), tokenizer
     check_model_path(path)
     quiet_transformers()
-    master = Path(path) / MASTER_WEIGHTS
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32 if to_train else "auto")
-        if to_train and master.is_file():
-            from safetensors.torch import load_model
+        model = read_weights(base or path, to_train)
+        if base is not None:
+            from roll import lora
 
-            load_model(model, str(master))
+            model = lora.trainable(model, Path(path)) if to_train else lora.merged(model, Path(path))
     except (OSError, ValueError, RuntimeError) as exc:
         raise RollError(f"model {path}: cannot be loaded ({str(exc).splitlines()[0]})") from None
     tokenizer.padding_side = "left"
@@ -148,6 +162,23 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     if not to_train:
         _remember(path, device, model, tokenizer)
     return model, tokenizer
+
+
+def read_weights(path: str | Path, to_train: bool):
+    """A full checkpoint's model from disk: in its own dtype, or in float32 from the master weights when
+    there are any (`to_train`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from roll.store import MASTER_WEIGHTS
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32 if to_train else "auto")
+    master = Path(path) / MASTER_WEIGHTS
+    if to_train and master.is_file():
+        from safetensors.torch import load_model
+
+        load_model(model, str(master))
+    return model
 
 
 def fuse_tanh_gelu(model) -> int:
@@ -183,9 +214,11 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
     `dtype` (bfloat16 or float16) stores the weights in that dtype — what every stage then samples and scores
     with — and a float32 `model`'s exact weights beside them as the master weights training resumes from; the
     model itself is cast to `dtype` (its caller is done with it; `keep_loaded` keeps what the disk holds).
+    A PeftModel commits its adapter alone, in float32 (DESIGN §3.1c); loading the version merges it.
     """
     import torch
 
+    from roll.lora import is_adapter
     from roll.store import (MASTER_WEIGHTS, OPTIMIZER_STATE, apply_umask, clear_stale_temporaries, os_error,
                             temporary_path)
 
@@ -195,7 +228,8 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
         directory.parent.mkdir(parents=True, exist_ok=True)
         clear_stale_temporaries(directory)  # a half-written checkpoint of a committer that was killed
         tmp.mkdir()
-        target = getattr(torch, dtype) if dtype and dtype != "auto" else None
+        adapter = is_adapter(model)
+        target = getattr(torch, dtype) if dtype and dtype != "auto" and not adapter else None
         if target is not None and next(model.parameters()).dtype != target:
             from safetensors.torch import save_model
 
@@ -203,6 +237,8 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
                 save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied embeddings (one stored tensor)
             model.to(target)
         model.save_pretrained(tmp, safe_serialization=True)
+        if adapter:
+            (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model card
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
@@ -218,7 +254,8 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
         if "(os error " in str(exc):  # safetensors reports I/O errors as SafetensorError("… (os error 28)")
             raise RollError(f"{directory}: {str(exc).splitlines()[0]} (nothing was committed)") from None
         raise
-    _remember(directory, str(next(model.parameters()).device).replace("cuda:0", "cuda"), model, tokenizer)
+    if not adapter:  # a LoRA version in memory is unmerged: the stages load it merged
+        _remember(directory, str(next(model.parameters()).device).replace("cuda:0", "cuda"), model, tokenizer)
     return directory
 
 

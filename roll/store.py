@@ -137,6 +137,10 @@ _GROUP = {"steps": "train", "groups": "train", "ope_summary": "ope"}  # table �
 OPTIMIZER_STATE = "optimizer.pt"
 # … and, for a checkpoint stored in bfloat16, the float32 master weights training continues from (DESIGN §3.1b).
 MASTER_WEIGHTS = "master.safetensors"
+# … and, for a LoRA version, its adapter in place of the weights: the version's policy.json names the base
+# version it applies to (DESIGN §3.1c). A checkpoint directory is one holding either configuration file.
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT_CONFIGS = ("config.json", ADAPTER_CONFIG)
 
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 
@@ -158,6 +162,22 @@ def settings_key(settings: dict) -> str:
 def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
     """Behaviour versions [v − L − W + 1, v − L] read by update v → v+1, clamped at 0 (DESIGN §3.1)."""
     return max(0, version - lag - window + 1), max(0, version - lag)
+
+
+def adapter_base(policy_dir: str | Path) -> Path | None:
+    """The checkpoint directory a LoRA version's adapter applies to (from its policy.json's `lora.base`, a
+    sibling version), None for a full checkpoint or any directory outside a run."""
+    import json
+
+    policy_dir = Path(policy_dir)
+    if not (policy_dir / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        base = json.loads((policy_dir / "policy.json").read_text())["lora"]["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RollError(f"{policy_dir}: a LoRA adapter whose policy.json names no base version") from None
+    return Run(policy_dir.parent.parent).policy_dir(int(base))
+
 # Supplementary files of a version outside its i-of-N partition (apo's version-0 samples of later prompts).
 _EXTRA_RE = re.compile(r"^extra-[A-Za-z0-9_.-]+\.parquet$")
 _VERSION_RE = re.compile(r"^version=(\d{4,})$")
@@ -392,7 +412,8 @@ class Run:
 
     def checkpoint_versions(self) -> list[int]:
         """Committed versions whose weights are still on disk (not collected by `roll gc`)."""
-        return [v for v in self.policy_versions() if (self.policy_dir(v) / "config.json").is_file()]
+        return [v for v in self.policy_versions()
+                if any((self.policy_dir(v) / name).is_file() for name in CHECKPOINT_CONFIGS)]
 
     def latest_policy_version(self) -> int:
         versions = self.policy_versions()
@@ -402,10 +423,12 @@ class Run:
 
     def remove_policy(self, version: int) -> None:
         """Delete a committed checkpoint's weights, tokenizer and optimiser state, keeping its policy.json as
-        the record that the version was committed (its steps and groups stay readable). config.json goes
-        first, so the version stops counting as a checkpoint before anything else disappears."""
+        the record that the version was committed (its steps and groups stay readable). config.json (or a LoRA
+        version's adapter_config.json) goes first, so the version stops counting as a checkpoint before anything
+        else disappears."""
         directory = self.policy_dir(version)
-        names = sorted((p for p in directory.iterdir() if p.name != "policy.json"), key=lambda p: p.name != "config.json")
+        names = sorted((p for p in directory.iterdir() if p.name != "policy.json"),
+                       key=lambda p: p.name not in CHECKPOINT_CONFIGS)
         for path in names:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -84,6 +84,10 @@ def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: li
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from roll.store import adapter_base
+
+    if adapter_base(policy_dir) is not None:  # vLLM would need enable_lora and a LoRARequest: not wired up
+        raise RollError(f"{policy_dir}: a LoRA version; --backend vllm samples full checkpoints only (use --backend hf)")
     try:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt

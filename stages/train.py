@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from roll import lora
 from roll.errors import RollError
 from roll.objectives import ObjectiveConfig, get_objective, uses_reference
 from roll.options import device_option, option
@@ -52,6 +53,10 @@ class TrainConfig(ObjectiveConfig):
                                    group="training")
     drop_zero_variance: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's dynamic sampling).",
                                       group="training")
+    lora_rank: int = option(0, "Train LoRA adapters of this rank on v0's frozen weights through PEFT (0 = every "
+                               "weight).", group="training")
+    lora_alpha: float = option(16.0, "LoRA scale numerator: the adapter adds (alpha/rank)·B·A (verl's and "
+                                     "OpenRLHF's default 16).", group="training")
     gradient_checkpointing: bool = option(False, "Recompute transformer blocks' activations in backward (less memory, "
                                                  "more time).", group="training")
     epochs: int = option(1, "Passes over the selected rows per update.", group="training")
@@ -79,6 +84,11 @@ def check_config(config: TrainConfig) -> None:
         raise RollError("--warmup-steps and --weight-decay must be >= 0")
     if config.epochs < 1 or config.mini_batch < 1 or config.micro_batch < 1:
         raise RollError("--epochs, --mini-batch and --micro-batch must be at least 1")
+    if config.lora_rank < 0 or not config.lora_alpha > 0:
+        raise RollError(f"--lora-rank {config.lora_rank} --lora-alpha {config.lora_alpha:g}: need rank >= 0 and alpha > 0")
+    if config.lora_rank and config.fsdp:
+        raise RollError("--lora-rank with --fsdp: LoRA trains under DDP (drop --fsdp); its adapters are small "
+                        "enough not to need sharding")
     if config.adv_norm not in ("std", "none"):
         raise RollError(f"--adv-norm '{config.adv_norm}': choose std or none")
 
@@ -141,6 +151,9 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     advantages, group_records = group_targets(run_dir, rows, version, config, dist)
 
     model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
+    # LoRA (DESIGN §3.1c): `model` becomes the base with adapters injected; `adapter` is what is committed
+    model, adapter = lora.adapt(model, config.lora_rank, config.lora_alpha, config.seed, run_dir.policy_dir(version),
+                                version)
     if config.gradient_checkpointing:  # recompute each block's activations in backward: memory for time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
@@ -171,7 +184,10 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
             "rows": len(rows), "optimizer_steps": len(step_records),
             "global_step": global_step + len(step_records), "dtype": dtype,
             "optimizer": "fresh" if config.fresh_optimizer else (f"resumed from v{version:04d}" if resumed else "new")}
-    commit(run_dir, new_version, step_records, group_records, model, tokenizer, meta, optimizer_state, dtype)
+    if adapter is not None:
+        meta["lora"] = lora.settings(adapter)
+    commit(run_dir, new_version, step_records, group_records, model if adapter is None else adapter, tokenizer, meta,
+           optimizer_state, dtype if adapter is None else None)
     dist.finish()
     regimes = dict(Counter(g["regime"] for g in group_records))
     ks = [g["k"] for g in group_records if not math.isnan(g["k"])]
@@ -341,7 +357,8 @@ def resume_optimizer(model, run_dir: Run, version: int, config: TrainConfig, dis
     # no stale .grad (a model kept loaded by roll iterate has last update's): torch's loader initialises the
     # optimiser's state with one zero-gradient step, and skips that when gradients exist
     model.zero_grad(set_to_none=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or a LoRA run's adapters
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     state = None if config.fresh_optimizer else load_optimizer_state(run_dir.policy_dir(version))
     if state is None:
         if version > 0 and not config.fresh_optimizer and dist.is_main:
