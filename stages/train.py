@@ -410,15 +410,10 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     ranks by DDP (whose mean is undone by scaling the loss by world size), so P ranks take exactly the
     step one process would take on the same global mini-batch.
     """
-    import numpy as np
     import torch
 
-    from roll.objectives import Batch
     from roll.progress import progress_bar
-    from roll.sampling import completion_logprobs
 
-    objective = get_objective(config.objective)
-    device = next(model.parameters()).device
     model.train()
     torch.manual_seed(config.seed)
     groups = list(rows.groups().values())
@@ -428,7 +423,6 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
     if smallest < dist.world:  # every rank must take part in every step's collectives
         raise RollError(f"a mini-batch of {smallest} rows cannot feed {dist.world} ranks; raise --mini-batch or "
                         f"use fewer processes")
-    behaviour_versions = rows.scalars["policy_version"]
     records, first_use = [], {}
     with progress_bar(f"train v{version}->v{new_version} {config.objective}", sum(map(len, schedule)), "steps") as advance:
         for mini in (batch for epoch in schedule for batch in epoch):
@@ -443,60 +437,97 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios
             deltas = []  # (row, signed sequence log-ratio Δ)
             for index, micro in enumerate(micro_batches):
-                batch_rows = [rows[i] for i in micro]
-                with autocast(device, dtype):
-                    logprobs, mask, entropy = completion_logprobs(
-                        wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
-                        row_temperatures(batch_rows), 1.0, with_entropy=True)
-                batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
-                              ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
-                              advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
-                loss, metrics = objective.loss(batch, config)
-                tokens = int(mask.sum())
-                share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
                 with dist.sync_if(index == len(micro_batches) - 1, wrapped):
-                    (loss * share * dist.world).backward()
-                with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
-                    log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
-                    ratio = log_ratio.exp()
-                    totals += torch.tensor([loss.item() * share, float(entropy[mask].sum()),
-                                            float((ratio - 1 - log_ratio).sum()), metrics["clip_fraction"] * tokens,
-                                            float(ratio.sum()), tokens], dtype=torch.float64)
-                    extremes = torch.minimum(extremes, torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64))
-                    deltas += zip(micro, ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist())
+                    micro_totals, micro_extremes, micro_deltas = accumulate(
+                        wrapped, rows, micro, advantages, config, dtype, share_of=(mini, mini_tokens), world=dist.world)
+                totals += micro_totals
+                extremes = torch.minimum(extremes, micro_extremes)
+                deltas += micro_deltas
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
             optimizer.step()
             totals, extremes, deltas = dist.reduce_metrics(totals, extremes, deltas)
             for row, delta in deltas:
                 first_use.setdefault(row, (len(records), delta))
-            log_weights = np.array([delta for _, delta in deltas])
-            w = np.exp(log_weights - log_weights.max())
-            lags = [version - behaviour_versions[i] for i in mini]
-            records.append({
-                "policy_version": new_version, "step": len(records), "objective": config.objective,
-                "loss": float(totals[0]), "entropy": float(totals[1]) / mini_tokens,
-                "kl_behaviour": float(totals[2]) / mini_tokens, "clip_fraction": float(totals[3]) / mini_tokens,
-                "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": float(grad_norm),
-                "lr": lr, "tokens": mini_tokens, "seconds": time.perf_counter() - step_started,
-                "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
-                "ratio_max": -float(extremes[0]), "global_step": global_step + len(records),
-                "log_ratio_mean": float(log_weights.mean()), "lag_mean": float(np.mean(lags)),
-                "stale_steps_mean": float(np.mean([stale_base[behaviour_versions[i]] for i in mini])) + len(records),
-            })
+            records.append(step_record(rows, mini, totals, extremes, deltas, config, version, len(records),
+                                       global_step + len(records), float(grad_norm), lr, stale_base, step_started))
             advance()
     optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
     # the updated policy on the last step's first micro-batch: finite weights can still give NaN log-probs
     # (weights of 1e30 after --lr 1e30). Not under FSDP: a forward after the last step left FSDP2's gathered
     # parameters unfinished at exit ("terminate called without an active exception", seen twice in 2-rank
     # CPU runs under load); there the finite weights and AdamW state are what is checked.
-    records[-1]["probe_finite"] = True
-    if not dist.fsdp:
-        with torch.no_grad(), autocast(device, dtype):
-            batch_rows = [rows[i] for i in micro_batches[0]]
-            logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
-                                                 [r["token_ids"] for r in batch_rows], row_temperatures(batch_rows), 1.0)
-            records[-1]["probe_finite"] = bool(torch.isfinite(logprobs[mask]).all())
+    records[-1]["probe_finite"] = True if dist.fsdp else probe_finite(wrapped, rows, micro_batches[0], dtype)
     return records, first_use
+
+
+def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: TrainConfig, dtype: str,
+               share_of: tuple[list[int], int], world: int):
+    """Forward and backward of one micro-batch, its loss weighted by its share of the mini-batch (of tokens or
+    of sequences, as the objective reduces) and by the world size. Returns its diagnostics: (loss share,
+    entropy, k3 KL, clipped tokens, ratio sum, tokens), (−max ratio, min ratio), [(row, Δ)]."""
+    import torch
+
+    from roll.objectives import Batch
+    from roll.sampling import completion_logprobs
+
+    objective = get_objective(config.objective)
+    mini, mini_tokens = share_of
+    batch_rows = [rows[i] for i in micro]
+    with autocast(next(wrapped.parameters()).device, dtype):
+        logprobs, mask, entropy = completion_logprobs(
+            wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
+            row_temperatures(batch_rows), 1.0, with_entropy=True)
+    batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
+                  ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
+                  advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
+    loss, metrics = objective.loss(batch, config)
+    tokens = int(mask.sum())
+    share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
+    (loss * share * world).backward()
+    with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
+        log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
+        ratio = log_ratio.exp()
+        totals = torch.tensor([loss.item() * share, float(entropy[mask].sum()), float((ratio - 1 - log_ratio).sum()),
+                               metrics["clip_fraction"] * tokens, float(ratio.sum()), tokens], dtype=torch.float64)
+        extremes = torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64)
+        deltas = list(zip(micro, ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()))
+    return totals, extremes, deltas
+
+
+def step_record(rows: Window, mini: list[int], totals, extremes, deltas, config: TrainConfig, version: int, step: int,
+                global_step: int, grad_norm: float, lr: float, stale_base: dict[int, int], started: float) -> dict:
+    """One `steps` row from a step's reduced diagnostics (token means over the whole mini-batch)."""
+    import numpy as np
+
+    mini_tokens = sum(rows.length("token_ids", i) for i in mini)
+    behaviour_versions = rows.scalars["policy_version"]
+    log_weights = np.array([delta for _, delta in deltas])
+    w = np.exp(log_weights - log_weights.max())
+    return {
+        "policy_version": version + 1, "step": step, "objective": config.objective,
+        "loss": float(totals[0]), "entropy": float(totals[1]) / mini_tokens,
+        "kl_behaviour": float(totals[2]) / mini_tokens, "clip_fraction": float(totals[3]) / mini_tokens,
+        "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": grad_norm,
+        "lr": lr, "tokens": mini_tokens, "seconds": time.perf_counter() - started,
+        "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
+        "ratio_max": -float(extremes[0]), "global_step": global_step,
+        "log_ratio_mean": float(log_weights.mean()),
+        "lag_mean": float(np.mean([version - behaviour_versions[i] for i in mini])),
+        "stale_steps_mean": float(np.mean([stale_base[behaviour_versions[i]] for i in mini])) + step,
+    }
+
+
+def probe_finite(wrapped, rows: Window, micro: list[int], dtype: str) -> bool:
+    """Whether the updated policy's log-probs on one micro-batch are all finite."""
+    import torch
+
+    from roll.sampling import completion_logprobs
+
+    with torch.no_grad(), autocast(next(wrapped.parameters()).device, dtype):
+        batch_rows = [rows[i] for i in micro]
+        logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
+                                             [r["token_ids"] for r in batch_rows], row_temperatures(batch_rows), 1.0)
+    return bool(torch.isfinite(logprobs[mask]).all())
 
 
 def commit(run_dir: Run, new_version: int, step_records: list[dict], group_records: list[dict], model, tokenizer,
