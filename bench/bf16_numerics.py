@@ -10,6 +10,11 @@ pmd-mean update at lr 1e-5 in one optimiser step. Reported per run:
   ratio_min, ratio_max        its token ratios then
   stored_weights_changed      share of the stored weights whose value changed with that one step
 
+And LoRA on the bf16 run (DESIGN §3.1c): one rank-8 update at lr 1e-5, 1e-4 and 1e-3 from the same data; the
+change of every completion token's log-prob from v0 to v1 as the stages see it (the adapter merged into the
+bf16 weights) and as it would be unmerged (bf16 base, float32 adapter), each against the change computed in
+float32 (correlation, mean |change|): does merging into bf16 erase a small update?
+
     python bench/bf16_numerics.py [--work /tmp/roll-bf16]
 """
 from __future__ import annotations
@@ -52,7 +57,49 @@ def main() -> None:
         changed = sum(int((v0[k] != v1[k]).sum()) for k in v0) / sum(v0[k].numel() for k in v0)
         out[dtype] = {"scorer_vs_sampler_max_abs": mismatch, "train_step0_log_ratio_mean": delta,
                       "ratio_min": low, "ratio_max": high, "stored_weights_changed": changed}
+        if dtype == "bfloat16":
+            out["lora"] = {lr: lora_fidelity(run, work / f"lora-{lr}", lr) for lr in ("1e-5", "1e-4", "1e-3")}
     print(json.dumps(out, indent=1))
+
+
+def lora_fidelity(trained_run: Path, run: Path, lr: str) -> dict:
+    """One LoRA update v0 → v1 on a copy of `trained_run`'s version-0 data; the log-prob changes it makes."""
+    import torch
+    from conftest import roll_cli
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from roll.lora import merged, quiet_peft
+    from roll.sampling import completion_logprobs
+    from roll.store import Run, query
+
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(Run(run).policy_dir(1))
+    roll_cli("train", "--run", run, "--objective", "pmd-mean", "--mini-batch", "1000", "--lr", lr, "--lora-rank", "8",
+             "--force")
+    r = Run(run)
+    rows = query(r, "select prompt_token_ids, token_ids from samples where policy_version = 0").fetchall()
+    prompts, completions = [list(p) for p, _ in rows], [list(c) for _, c in rows]
+
+    def base(dtype):
+        return AutoModelForCausalLM.from_pretrained(str(r.policy_dir(0)), dtype=dtype)
+
+    def logprobs(model):
+        with torch.no_grad():
+            return completion_logprobs(model, prompts, completions, 1.0)
+
+    with quiet_peft():
+        unmerged = {dtype: PeftModel.from_pretrained(base(dtype), str(r.policy_dir(1))).get_base_model()
+                    for dtype in (torch.bfloat16, torch.float32)}
+    v0_bf16, mask = logprobs(base(torch.bfloat16))
+    truth = (logprobs(unmerged[torch.float32])[0] - logprobs(base(torch.float32))[0])[mask]
+    result = {"float32_mean_abs_change": float(truth.abs().mean())}
+    for name, model in (("merged_bf16", merged(base(torch.bfloat16), r.policy_dir(1))),
+                        ("unmerged_bf16", unmerged[torch.bfloat16])):
+        change = (logprobs(model)[0] - v0_bf16)[mask]
+        result[name] = {"mean_abs_change": float(change.abs().mean()),
+                        "correlation_with_float32": float(torch.corrcoef(torch.stack([change, truth]))[0, 1])}
+    return result
 
 
 if __name__ == "__main__":

@@ -55,32 +55,42 @@ def merged(base_model, directory: Path):
 
 
 def trainable(base_model, directory: Path):
-    """The base model (float32) with the adapter in `directory` loaded trainable: a PeftModel."""
+    """The base model with the adapter in `directory` loaded trainable (a PeftModel): PEFT keeps the adapter's
+    weights in float32 over a bf16 base (`autocast_adapter_dtype`), so the stored numbers load exactly."""
     with quiet_peft():
         return peft_module().PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
 
 
-def adapt(model, rank: int, alpha: float, seed: int, parent: Path, parent_version: int):
-    """What update parent → parent+1 trains: returns (the module to run forward and backward, the PeftModel to
-    commit or None for full fine-tuning). A new adapter (B = 0, so it starts at the parent) is seeded by `seed`;
-    an adapter of the parent continues with its own rank and α, and any other combination is refused."""
-    if not is_adapter(model) and rank == 0:
+def check(parent: Path, parent_version: int, parent_settings: dict | None, rank: int, alpha: float) -> None:
+    """Refuse, before anything is read or written, an update that cannot continue its parent: an adapter
+    continued with another rank or α or trained in full, or a new adapter on a version other than v0."""
+    if parent_settings is not None:
+        if rank != parent_settings["rank"] or alpha != parent_settings["alpha"]:
+            raise RollError(f"{parent}: holds a LoRA adapter of rank {parent_settings['rank']}, alpha "
+                            f"{parent_settings['alpha']:g}; continue it with --lora-rank {parent_settings['rank']} "
+                            f"--lora-alpha {parent_settings['alpha']:g}")
+    elif rank and parent_version != BASE_VERSION:
+        raise RollError(f"{parent}: was trained in full; LoRA adapts v{BASE_VERSION:04d} (start the run with "
+                        f"--lora-rank, or leave it out)")
+
+
+def adapt(model, rank: int, alpha: float, seed: int, dtype: str):
+    """What update v → v+1 trains (`check` has passed): returns (the module to run forward and backward, the
+    PeftModel to commit or None for full fine-tuning). A parent's adapter continues; a new one (B = 0, so it
+    starts at the parent) is seeded by `seed`, over the base cast back to the run's `dtype` — the frozen base
+    needs no float32 master copy, which halves a bf16 base's memory."""
+    if is_adapter(model):
+        return model.get_base_model(), model
+    if rank == 0:
         return model, None
     import torch
 
-    if is_adapter(model):
-        config = model.peft_config["default"]
-        if rank != config.r or alpha != config.lora_alpha:
-            raise RollError(f"{parent}: holds a LoRA adapter of rank {config.r}, alpha {config.lora_alpha:g}; "
-                            f"continue it with --lora-rank {config.r} --lora-alpha {config.lora_alpha:g}")
-        return model.get_base_model(), model
-    if parent_version != BASE_VERSION:
-        raise RollError(f"{parent}: was trained in full; LoRA adapts v{BASE_VERSION:04d} (start the run with "
-                        f"--lora-rank, or leave it out)")
+    model.to(getattr(torch, dtype))
     torch.manual_seed(seed)
+    peft = peft_module()
     with quiet_peft():
-        adapted = peft_module().get_peft_model(model, peft_module().LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
-                                                                 lora_dropout=0.0))
+        adapted = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+                                                             lora_dropout=0.0))
     return adapted.get_base_model(), adapted
 
 

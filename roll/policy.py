@@ -56,9 +56,7 @@ def check_model_path(model: str | Path) -> None:
     """Refuse a model that is neither a local checkpoint directory nor a plausible hub id."""
     path = Path(model)
     if path.is_dir():
-        from roll.store import CHECKPOINT_CONFIGS
-
-        if not any((path / name).is_file() for name in CHECKPOINT_CONFIGS):
+        if not (path / "config.json").is_file():
             raise RollError(f"model path {path}: no config.json (not a transformers checkpoint directory)")
         return
     looks_like_hub_id = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
@@ -127,7 +125,7 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     handed over (and forgotten) when loaded `to_train` — unless it is not float32 (a bf16 sampler's copy).
 
     A LoRA version (DESIGN §3.1c) is its base checkpoint read from disk with the adapter merged in, or, to
-    train, the base in float32 with the adapter trainable (a PeftModel)."""
+    train, the base in its own dtype with the float32 adapter trainable (a PeftModel)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -143,11 +141,12 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
             model, tokenizer = _LOADED.pop(key)
             if next(model.parameters()).dtype == torch.float32:
                 return model.eval(), tokenizer
-    check_model_path(path)
+    check_model_path(base or path)
     quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = read_weights(base or path, to_train)
+        # a LoRA version's frozen base stays in its own dtype even to train: no master weights are needed
+        model = read_weights(base or path, to_train and base is None)
         if base is not None:
             from roll import lora
 
@@ -254,8 +253,12 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
         if "(os error " in str(exc):  # safetensors reports I/O errors as SafetensorError("… (os error 28)")
             raise RollError(f"{directory}: {str(exc).splitlines()[0]} (nothing was committed)") from None
         raise
-    if not adapter:  # a LoRA version in memory is unmerged: the stages load it merged
-        _remember(directory, str(next(model.parameters()).device).replace("cuda:0", "cuda"), model, tokenizer)
+    device = str(next(model.parameters()).device).replace("cuda:0", "cuda")
+    if adapter:  # a LoRA version in memory is unmerged: the stages load it merged (and not an older copy)
+        if _LOADED is not None:
+            _LOADED.pop(_cache_key(directory, device), None)
+    else:
+        _remember(directory, device, model, tokenizer)
     return directory
 
 

@@ -164,19 +164,28 @@ def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
     return max(0, version - lag - window + 1), max(0, version - lag)
 
 
-def adapter_base(policy_dir: str | Path) -> Path | None:
-    """The checkpoint directory a LoRA version's adapter applies to (from its policy.json's `lora.base`, a
-    sibling version), None for a full checkpoint or any directory outside a run."""
+def adapter_settings(policy_dir: str | Path) -> dict | None:
+    """A LoRA version's `lora` entry of policy.json ({rank, alpha, base, targets}); None for a full checkpoint
+    (a directory without adapter_config.json)."""
     import json
 
     policy_dir = Path(policy_dir)
     if not (policy_dir / ADAPTER_CONFIG).is_file():
         return None
     try:
-        base = json.loads((policy_dir / "policy.json").read_text())["lora"]["base"]
+        settings = json.loads((policy_dir / "policy.json").read_text())["lora"]
+        int(settings["base"])
+        return settings
     except (OSError, ValueError, KeyError, TypeError):
-        raise RollError(f"{policy_dir}: a LoRA adapter whose policy.json names no base version") from None
-    return Run(policy_dir.parent.parent).policy_dir(int(base))
+        raise RollError(f"{policy_dir}: a LoRA adapter without a committed policy.json naming its base version "
+                        f"(roll runs only adapters it trained)") from None
+
+
+def adapter_base(policy_dir: str | Path) -> Path | None:
+    """The checkpoint directory a LoRA version's adapter applies to (a sibling version), None for a full
+    checkpoint."""
+    settings = adapter_settings(policy_dir)
+    return None if settings is None else Run(Path(policy_dir).parent.parent).policy_dir(int(settings["base"]))
 
 # Supplementary files of a version outside its i-of-N partition (apo's version-0 samples of later prompts).
 _EXTRA_RE = re.compile(r"^extra-[A-Za-z0-9_.-]+\.parquet$")

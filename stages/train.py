@@ -29,7 +29,7 @@ from roll import lora
 from roll.errors import RollError
 from roll.objectives import ObjectiveConfig, get_objective, uses_reference
 from roll.options import device_option, option
-from roll.store import Run, data_window
+from roll.store import Run, adapter_settings, data_window
 from roll.window import Window
 
 
@@ -146,14 +146,15 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
 
     new_version = version + 1
     dtype = training_dtype(run_dir, version)
+    lora.check(run_dir.policy_dir(version), version, adapter_settings(run_dir.policy_dir(version)), config.lora_rank,
+               config.lora_alpha)
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
     advantages, group_records = group_targets(run_dir, rows, version, config, dist)
 
     model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
     # LoRA (DESIGN §3.1c): `model` becomes the base with adapters injected; `adapter` is what is committed
-    model, adapter = lora.adapt(model, config.lora_rank, config.lora_alpha, config.seed, run_dir.policy_dir(version),
-                                version)
+    model, adapter = lora.adapt(model, config.lora_rank, config.lora_alpha, config.seed, dtype)
     if config.gradient_checkpointing:  # recompute each block's activations in backward: memory for time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
