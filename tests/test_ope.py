@@ -151,3 +151,45 @@ def test_bad_ope_input_is_one_line_and_exit_2(verified_run, tmp_path, run_dir):
     proc = roll_cli("ope", "--run", unverified, "--version", 0, "--data-versions", "0..0", check=False)
     assert proc.returncode == 2 and "no verdicts" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not Run(unverified).committed_files("ope")
+
+
+def test_a_killed_ope_resumes_and_ends_like_an_uninterrupted_one(run_dir, tmp_path):
+    """Per-row weights are committed one file per rollout file: killed after the first, a rerun weighs only the
+    rest, and the estimates equal an uninterrupted run's (the same rows, weighed by the same code)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from conftest import wait_for
+
+    from roll.pipeline.prepare import prepare
+    from roll.stages.generate import GenerateConfig, run as generate
+    from roll.store import Shard
+
+    for index in range(4):  # in this process: the rollouts are the setting, the ope processes the test
+        generate(GenerateConfig(run=run_dir, prompts=16, group_size=2, max_new_tokens=16, shard=Shard(index, 4)))
+    prepare(Run(run_dir), [0], ref=False)
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir, reference)
+    args = ["ope", "--version", "0", "--data-versions", "0..0"]
+    uninterrupted = json.loads(roll_cli(*args, "--run", reference).stdout)
+    directory = Run(run_dir).version_dir("ope", 0)
+
+    def weighed():
+        return [p for p in directory.iterdir() if p.name.startswith("from-")] if directory.is_dir() else []
+
+    proc = subprocess.Popen([sys.executable, "-m", "roll", *args, "--run", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: weighed() or proc.poll() is not None, timeout=300, what="the first file of log-weights")
+    proc.kill()
+    proc.wait()
+    done = weighed()
+    assert all(pq.read_table(path).num_rows == 8 for path in done)  # whatever is visible is whole
+    summaries = query(Run(run_dir), "select count(*) from ope_summary").fetchone()[0]
+    assert len(done) == 4 or summaries == 0  # no summary before every file is weighed
+    resumed = json.loads(roll_cli(*args, "--run", run_dir).stdout)
+    assert resumed["complete"] is True and resumed["rows_weighed"] == 32 - 8 * len(done)
+    for key in ("ls_bound", "ls_estimate", "ips", "snips", "ess"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-12), key
