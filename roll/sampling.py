@@ -128,6 +128,32 @@ def _cache_argument(model) -> tuple[str, dict]:
 
 
 @torch.no_grad()
+def prefill(model, prompt_ids: list[list[int]], pad_id: int, group_size: int):
+    """Run the left-padded prompts through the model once and copy each prompt's cache, last logits, mask and
+    positions to its G rows: (cache, (rows, V) logits, attention mask, position ids), rows prompt-major."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    positions = position_ids_from_mask(attention_mask)
+    cache_arg, extra = _cache_argument(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
+    past, logits = getattr(out, cache_arg), out.logits[:, -1, :]
+    if group_size > 1:
+        if hasattr(past, "batch_repeat_interleave"):
+            past.batch_repeat_interleave(group_size)
+        else:  # a legacy tuple cache: copy each layer's keys and values
+            past = tuple(tuple(t.repeat_interleave(group_size, 0) for t in layer) for layer in past)
+        logits = logits.repeat_interleave(group_size, 0)
+        attention_mask, positions = attention_mask.repeat_interleave(group_size, 0), positions.repeat_interleave(group_size, 0)
+    return past, logits, attention_mask, positions
+
+
+@torch.no_grad()
 def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float, eos_id: int | list[int], pad_id: int, seeds: list[int],
                  group_size: int = 1) -> list[Sample]:
@@ -142,30 +168,12 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tem
     the tokens on the default task, so prefilling it G times was a quarter of all sampling work.
     """
     device = next(model.parameters()).device
-    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    positions = position_ids_from_mask(attention_mask)
-    cache_arg, extra = _cache_argument(model)
-
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
-    past, logits = getattr(out, cache_arg), out.logits[:, -1, :]
-    if group_size > 1:
-        if hasattr(past, "batch_repeat_interleave"):
-            past.batch_repeat_interleave(group_size)
-        else:  # a legacy tuple cache: copy each layer's keys and values
-            past = tuple(tuple(t.repeat_interleave(group_size, 0) for t in layer) for layer in past)
-        logits = logits.repeat_interleave(group_size, 0)
-        attention_mask, positions = attention_mask.repeat_interleave(group_size, 0), positions.repeat_interleave(group_size, 0)
-
     rows = len(prompt_ids) * group_size
     if len(seeds) != rows:
         raise ValueError(f"sample_batch: {len(seeds)} seeds for {rows} rows")
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    cache_arg, extra = _cache_argument(model)
+    past, logits, attention_mask, positions = prefill(model, prompt_ids, pad_id, group_size)
     row_seeds = torch.tensor(seeds, dtype=torch.long, device=device)
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
