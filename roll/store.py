@@ -490,6 +490,19 @@ class Run:
             return None
         return column[0].as_py() if len(column) else None
 
+    def trained_on(self, version: int) -> set[int]:
+        """The data versions read by the updates that made `version` and its ancestors (policy.json's parent
+        and data_versions, back to v0): rows a judge of `version` would see in-sample."""
+        import json
+
+        read, seen, current = set(), set(), version
+        while current is not None and current not in seen and current in self.policy_versions():
+            seen.add(current)
+            meta = json.loads((self.policy_dir(current) / "policy.json").read_text())
+            read.update(meta.get("data_versions") or [])
+            current = meta.get("parent")
+        return read
+
     def require_policy(self, version: int) -> Path:
         """The checkpoint directory of `version`, refusing a version never committed or collected by gc."""
         if version not in self.checkpoint_versions():

@@ -193,3 +193,16 @@ def test_a_killed_ope_resumes_and_ends_like_an_uninterrupted_one(run_dir, tmp_pa
     assert resumed["complete"] is True and resumed["rows_weighed"] == 32 - 8 * len(done)
     for key in ("ls_bound", "ls_estimate", "ips", "snips", "ess"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-12), key
+
+
+def test_judging_a_checkpoint_on_rows_its_ancestry_trained_on_is_flagged(run_dir):
+    """EXPERIMENTS.md (lag 4): on rows an update of V's ancestry read, the bound failed; roll says so."""
+    from conftest import fixed_data_run
+
+    fixed_data_run(run_dir)
+    roll_cli("train", "--run", run_dir)  # v1, trained on v0's rows
+    assert Run(run_dir).trained_on(1) == {0} and Run(run_dir).trained_on(0) == set()
+    flagged = roll_cli("ope", "--run", run_dir, "--version", 1, "--data-versions", "0..0")
+    assert [line for line in flagged.stderr.splitlines() if line.startswith("roll:")] == [flagged.stderr.splitlines()[0]]
+    assert "version(s) 0 of 0..0 trained v1 or an ancestor: the estimates are in-sample" in flagged.stderr
+    assert "in-sample" not in roll_cli("ope", "--run", run_dir, "--version", 0, "--data-versions", "0..0").stderr
