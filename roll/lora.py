@@ -4,8 +4,8 @@ A LoRA version's directory holds its adapter (`adapter_model.safetensors`, `adap
 tokenizer, the AdamW state of the adapter's parameters and policy.json, whose `lora` entry names the rank, α and
 the base version — v0, the run's own copy of the model, which `roll gc` always keeps. Every stage but train
 merges the adapter into the base (W + (α/r)·B·A, in the base's dtype) and sees a plain model; train loads the
-base in float32 with the adapter trainable and commits the adapter alone, inside the same atomic directory
-rename as a full checkpoint.
+base in its own dtype (frozen weights need no float32 master copy) with the float32 adapter trainable, and
+commits the adapter alone, inside the same atomic directory rename as a full checkpoint.
 
 The adapted layers are PEFT's `all-linear` (every linear layer but the output head, verl's default); no dropout,
 so π_θ is deterministic and an update's first ratios are 1, as in full fine-tuning.

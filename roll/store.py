@@ -495,8 +495,8 @@ class Run:
         and data_versions, back to v0): rows a judge of `version` would see in-sample."""
         import json
 
-        read, seen, current = set(), set(), version
-        while current is not None and current not in seen and current in self.policy_versions():
+        committed, read, seen, current = set(self.policy_versions()), set(), set(), version
+        while current is not None and current not in seen and current in committed:
             seen.add(current)
             meta = json.loads((self.policy_dir(current) / "policy.json").read_text())
             read.update(meta.get("data_versions") or [])
