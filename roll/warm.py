@@ -65,26 +65,38 @@ def run_warm(socket_path: str, argv: list[str]) -> int | None:
     env = dict(os.environ)
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env, "fingerprint": fingerprint(env)}).encode()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Hold the forwarded signals until their handlers are in place: one arriving in between would otherwise
-    # end this process by default while its child runs on (until it sees EOF) and report no status.
-    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    # The handlers go in before connecting, and hold a signal until the child exists. (Blocking the signals
+    # with pthread_sigmask is not enough: it holds them in this thread only, and a library's thread would
+    # take one and end this process by default while its child runs on.)
+    pending: list[int] = []
+    forwarding = []  # not empty once the warm process has forked the child
+
+    def forward(signum, frame):
+        if forwarding:
+            _send_signal(conn, signum)
+        else:
+            pending.append(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
-        try:
-            conn.connect(socket_path)
-            socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
-            answer = _recv_exactly(conn, 1)
-        except OSError as exc:
-            print(f"roll: note: ROLL_WARM={socket_path} does not answer ({exc.strerror or exc}); starting cold",
-                  file=sys.stderr)
-            return None
-        if answer != b"+":  # refused: the reason follows
+        conn.connect(socket_path)
+        socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
+        answer = _recv_exactly(conn, 1)
+    except OSError as exc:
+        answer, reason = None, f"ROLL_WARM={socket_path} does not answer ({exc.strerror or exc})"
+    if answer != b"+":  # refused: the reason follows
+        if answer is not None:
             reason = conn.recv(4096).decode(errors="replace") if answer else "closed the connection"
-            print(f"roll: note: the warm process at {socket_path} {reason}; starting cold", file=sys.stderr)
-            return None
-        for signum in FORWARDED_SIGNALS:  # the child is not in our process group: pass the signal on
-            signal.signal(signum, lambda signum, frame: conn.send(bytes([signum])))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # a held signal is delivered now
+            reason = f"the warm process at {socket_path} {reason}"
+        print(f"roll: note: {reason}; starting cold", file=sys.stderr)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:  # what a cold process would have done with it
+            signal.raise_signal(signum)
+        return None
+    forwarding.append(True)
+    while pending:
+        _send_signal(conn, pending.pop(0))
     try:
         status = _recv_exactly(conn, STATUS.size)
     except OSError:
@@ -93,6 +105,13 @@ def run_warm(socket_path: str, argv: list[str]) -> int | None:
         print(f"roll: error: the warm process at {socket_path} went away before the command ended", file=sys.stderr)
         return 1
     return STATUS.unpack(status)[0]
+
+
+def _send_signal(conn: socket.socket, signum: int) -> None:
+    try:
+        conn.send(bytes([signum]))
+    except OSError:
+        pass  # the warm process is gone: the status read after says so
 
 
 def _recv_exactly(conn: socket.socket, size: int) -> bytes:
