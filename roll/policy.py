@@ -132,7 +132,7 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     from roll.store import adapter_base
 
     key = _cache_key(path, device)
-    base = adapter_base(path) if Path(path).is_dir() else None
+    base = adapter_base(path)
     if _LOADED is not None and key in _LOADED:
         if not to_train:
             model, tokenizer = _LOADED[key]

@@ -449,8 +449,9 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             totals, extremes, deltas = dist.reduce_metrics(totals, extremes, deltas)
             for row, delta in deltas:
                 first_use.setdefault(row, (len(records), delta))
-            records.append(step_record(rows, mini, totals, extremes, deltas, config, version, len(records),
-                                       global_step + len(records), float(grad_norm), lr, stale_base, step_started))
+            records.append(step_record(rows, (mini, mini_tokens), totals, extremes, deltas, config, version,
+                                       len(records), global_step + len(records), float(grad_norm), lr, stale_base,
+                                       step_started))
             advance()
     optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
     # the updated policy on the last step's first micro-batch: finite weights can still give NaN log-probs
@@ -469,15 +470,11 @@ def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: Trai
     import torch
 
     from roll.objectives import Batch
-    from roll.sampling import completion_logprobs
 
     objective = get_objective(config.objective)
     mini, mini_tokens = share_of
     batch_rows = [rows[i] for i in micro]
-    with autocast(next(wrapped.parameters()).device, dtype):
-        logprobs, mask, entropy = completion_logprobs(
-            wrapped, [r["prompt_token_ids"] for r in batch_rows], [r["token_ids"] for r in batch_rows],
-            row_temperatures(batch_rows), 1.0, with_entropy=True)
+    logprobs, mask, entropy = policy_logprobs(wrapped, batch_rows, dtype, with_entropy=True)
     batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
                   ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
                   advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
@@ -495,12 +492,13 @@ def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: Trai
     return totals, extremes, deltas
 
 
-def step_record(rows: Window, mini: list[int], totals, extremes, deltas, config: TrainConfig, version: int, step: int,
-                global_step: int, grad_norm: float, lr: float, stale_base: dict[int, int], started: float) -> dict:
+def step_record(rows: Window, share_of: tuple[list[int], int], totals, extremes, deltas, config: TrainConfig,
+                version: int, step: int, global_step: int, grad_norm: float, lr: float, stale_base: dict[int, int],
+                started: float) -> dict:
     """One `steps` row from a step's reduced diagnostics (token means over the whole mini-batch)."""
     import numpy as np
 
-    mini_tokens = sum(rows.length("token_ids", i) for i in mini)
+    mini, mini_tokens = share_of
     behaviour_versions = rows.scalars["policy_version"]
     log_weights = np.array([delta for _, delta in deltas])
     w = np.exp(log_weights - log_weights.max())
@@ -522,13 +520,20 @@ def probe_finite(wrapped, rows: Window, micro: list[int], dtype: str) -> bool:
     """Whether the updated policy's log-probs on one micro-batch are all finite."""
     import torch
 
+    with torch.no_grad():
+        logprobs, mask = policy_logprobs(wrapped, [rows[i] for i in micro], dtype)
+    return bool(torch.isfinite(logprobs[mask]).all())
+
+
+def policy_logprobs(wrapped, batch_rows: list[dict], dtype: str, with_entropy: bool = False):
+    """The policy's log-probs of the rows' completions (at each row's sampling temperature) under the run's
+    autocast: (log-probs, mask) or, with entropy, (log-probs, mask, entropy)."""
     from roll.sampling import completion_logprobs
 
-    with torch.no_grad(), autocast(next(wrapped.parameters()).device, dtype):
-        batch_rows = [rows[i] for i in micro]
-        logprobs, mask = completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
-                                             [r["token_ids"] for r in batch_rows], row_temperatures(batch_rows), 1.0)
-    return bool(torch.isfinite(logprobs[mask]).all())
+    with autocast(next(wrapped.parameters()).device, dtype):
+        return completion_logprobs(wrapped, [r["prompt_token_ids"] for r in batch_rows],
+                                   [r["token_ids"] for r in batch_rows], row_temperatures(batch_rows), 1.0,
+                                   with_entropy=with_entropy)
 
 
 def commit(run_dir: Run, new_version: int, step_records: list[dict], group_records: list[dict], model, tokenizer,
