@@ -51,6 +51,29 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
         time.sleep(0.005)
 
 
+def start_and_wait_for_progress(args: list, marker: str) -> subprocess.Popen:
+    """Start `args` with stderr on a pseudo-terminal, so that rich draws the progress bar live, and return once
+    the bar named `marker` is drawn: the command is then inside that loop (a kill lands there, not in start-up)."""
+    import pty
+    import select
+
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    seen = b""
+    try:
+        while marker.encode() not in seen and proc.poll() is None:
+            if select.select([master], [], [], 1.0)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the terminal closed: the command has ended
+                    break
+    finally:
+        os.close(master)  # later writes to the closed terminal do not block the command
+    assert proc.poll() is None, f"{marker!r} was not drawn before the command ended: " + seen.decode(errors="replace")[-2000:]
+    return proc
+
+
 def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
     """Version-0 rollouts, verified and scored, with a spread of rewards so every group has a gradient (the
     tiny random model never answers right; a custom reward job rewriting verdicts would do the same)."""

@@ -1,9 +1,6 @@
 """generate: row counts, reproducibility, shard partitions, and log-probs of the distribution sampled."""
 from __future__ import annotations
 
-import os
-import pty
-import select
 import shutil
 import signal
 import subprocess
@@ -18,7 +15,7 @@ from roll.sampling import sampling_logprobs, teacher_forced_logprobs
 from roll.stages.generate import GenerateConfig, run, version_prompt_ids
 from roll.store import Run, Shard, query
 
-from conftest import roll_cli
+from conftest import roll_cli, start_and_wait_for_progress
 
 SMALL = dict(prompts=6, group_size=4, max_new_tokens=24)
 
@@ -102,30 +99,21 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
 
 
 def test_generate_killed_mid_run_then_rerun_completes(run_dir, tmp_path):
-    args = [sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--prompts", 64,
-            "--group-size", 8, "--max-new-tokens", 48, "--batch-size", 8]
+    args = [sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--prompts", 24,
+            "--group-size", 8, "--max-new-tokens", 48, "--batch-size", 4]
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
-    # stderr on a terminal, so the progress bar is drawn live: it appears once sampling has started, and 64
-    # batches of 8 take far longer than noticing it
-    master, terminal = pty.openpty()
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=terminal)
-    os.close(terminal)
-    seen = b""
-    while b"generate v0" not in seen and proc.poll() is None:
-        if select.select([master], [], [], 1.0)[0]:
-            seen += os.read(master, 4096)
-    assert proc.poll() is None, seen.decode(errors="replace")[-2000:]
+    # killed once the progress bar is drawn, i.e. while the first of 6 batches samples
+    proc = start_and_wait_for_progress(args, "generate v0")
     proc.send_signal(signal.SIGKILL)
-    os.close(master)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed, not ended
     r = Run(run_dir)
     directory = r.version_dir("rollouts", 0)
     assert not directory.exists() or list(directory.iterdir()) == []  # no shard, no temporary
     assert query(r, "select count(*) from rollouts").fetchall() == [(0,)]
     roll_cli(*args[3:])
     roll_cli(*[a if a != str(run_dir) else str(reference) for a in args[3:]])  # uninterrupted
-    assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(512, 64)]
+    assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(192, 24)]
     assert [p.name for p in directory.iterdir()] == ["part-00000-of-00001.parquet"]
     same = "select prompt_id, sample_index, token_ids from rollouts order by 1, 2"
     assert query(r, same).fetchall() == query(Run(reference), same).fetchall()

@@ -35,19 +35,27 @@ def kill_inside(run_dir, marker: str, timeout: float = 120.0) -> None:
     proc.wait()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> Run:
+    """The run every killed-and-rerun one must end like (made once for the module)."""
+    path = tmp_path_factory.mktemp("uninterrupted") / "run"
+    roll_cli("init", "--run", path, "--model", tiny_model_dir)
+    roll_cli(*ITERATE, "--run", path)
+    return Run(path)
+
+
 @pytest.mark.parametrize("marker", [
     "policies/v0001/policy.json",  # then inside generate of version 1 (sampling or its commit)
     "rollouts/version=0001/part-*",  # then inside train 1 → 2's verify and score
     "scores/version=0001/*.parquet",  # then inside train 1 → 2's optimisation or its commit
 ])
-def test_sigkill_inside_a_stage_then_rerun_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir, marker):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    for path in (reference, killed):
-        roll_cli("init", "--run", path, "--model", tiny_model_dir)
-    roll_cli(*ITERATE, "--run", reference)
+def test_sigkill_inside_a_stage_then_rerun_ends_like_an_uninterrupted_run(tmp_path, tiny_model_dir, uninterrupted,
+                                                                          marker):
+    killed = tmp_path / "killed"
+    roll_cli("init", "--run", killed, "--model", tiny_model_dir)
     kill_inside(killed, marker)
     roll_cli(*ITERATE, "--run", killed)
-    a, b = Run(reference), Run(killed)
+    a, b = uninterrupted, Run(killed)
     assert a.policy_versions() == b.policy_versions() == [0, 1, 2, 3]
     count = "select policy_version, count(*), count(distinct (prompt_id, sample_index)) from {} group by 1 order by 1"
     for table in ("rollouts", "verdicts", "scores"):

@@ -6,9 +6,7 @@ import json
 import math
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -18,7 +16,7 @@ from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.train import TrainConfig, run as train
 from roll.store import Run, Shard, data_window, query
 
-from conftest import fixed_data_run, roll_cli, wait_for
+from conftest import fixed_data_run, roll_cli, start_and_wait_for_progress
 
 SMALL = dict(prompts=6, group_size=4, max_new_tokens=20)
 FAST = dict(mini_batch=12, micro_batch=12)
@@ -114,17 +112,15 @@ def test_killed_update_leaves_no_new_version_and_the_rerun_equals_an_uninterrupt
     fixed_data_run(run_dir, prompts=16, group_size=8, max_new_tokens=32)
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
-    options = ["--epochs", "80", "--mini-batch", "32", "--micro-batch", "8"]  # 320 optimiser steps
+    options = ["--epochs", "10", "--mini-batch", "32", "--micro-batch", "8"]  # 40 optimiser steps
     roll_cli("train", "--run", reference, *options)
-    proc = subprocess.Popen([sys.executable, "-m", "roll", "train", "--run", str(run_dir), *options],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed once the progress bar of the optimiser steps is drawn (verify and score are done: the data was
+    # prepared), so the kill lands inside the update
+    proc = start_and_wait_for_progress([sys.executable, "-m", "roll", "train", "--run", run_dir, *options],
+                                       "train v0->v1")
     r = Run(run_dir)
-    wait_for(lambda: (r.root / ".locks" / "train-0001.lock").exists() or proc.poll() is not None, timeout=120,
-             what="the update's lock")
-    time.sleep(1.0)  # inside the optimiser steps (verify and score are done: the data was prepared)
-    assert proc.poll() is None, "the update finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed, not ended
     assert r.policy_versions() == [0] and not r.policy_dir(1).exists()
     assert query(r, "select count(*) from steps").fetchall() == [(0,)]
     roll_cli("train", "--run", run_dir, *options)  # the same command again
