@@ -150,29 +150,54 @@ def summarise(runs, evals, steps, groups) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLOURS = {o: f"C{i}" for i, o in enumerate(OBJECTIVE_ORDER)}
+
+
 def plot(runs, evals, steps, groups, out: Path) -> None:
+    """pass1.png, diagnostics.png and regimes.png in `out`: one line (or bar) per cell (objective, staleness),
+    its band the std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    colours = {o: f"C{i}" for i, o in enumerate(OBJECTIVE_ORDER)}
     cells: dict[tuple[str, str], list[str]] = {}
     for run in runs:
         cells.setdefault((run["objective"], run["staleness"]), []).append(run["cell"])
+    plot_pass1(cells, evals, out / "pass1.png")
+    plot_diagnostics(cells, steps, out / "diagnostics.png")
+    plot_regimes(cells, groups.to_pylist() if groups is not None else [], out / "regimes.png")
 
-    def band(ax, key, names, rows, x, y, scale=1.0):
-        series = [[r for r in rows if r["cell"] == c] for c in names]
-        length = min(len(s) for s in series)
-        xs = np.array([r[x] for r in series[0][:length]], float)
-        ys = np.array([[scale * r[y] for r in s[:length]] for s in series], float)
-        mean = ys.mean(0)
-        ax.plot(xs, mean, color=colours.get(key[0], "k"), linestyle=LINESTYLES.get(key[1], "-"),
-                label=f"{key[0]} {key[1]} (n={len(names)})", marker="o" if x != "global_step" else None, markersize=3)
-        if len(names) > 1:
-            std = ys.std(0, ddof=1)
-            ax.fill_between(xs, mean - std, mean + std, color=colours.get(key[0], "k"), alpha=0.12, linewidth=0)
+
+def band(ax, key: tuple[str, str], names: list[str], rows, x: str, y: str, scale: float = 1.0) -> None:
+    """The mean over a cell's seeds (runs `names`) of `y` against `x`, shaded ± one std when seeds > 1."""
+    import numpy as np
+
+    series = [[r for r in rows if r["cell"] == c] for c in names]
+    length = min(len(s) for s in series)
+    xs = np.array([r[x] for r in series[0][:length]], float)
+    ys = np.array([[scale * r[y] for r in s[:length]] for s in series], float)
+    mean = ys.mean(0)
+    ax.plot(xs, mean, color=COLOURS.get(key[0], "k"), linestyle=LINESTYLES.get(key[1], "-"),
+            label=f"{key[0]} {key[1]} (n={len(names)})", marker="o" if x != "global_step" else None, markersize=3)
+    if len(names) > 1:
+        std = ys.std(0, ddof=1)
+        ax.fill_between(xs, mean - std, mean + std, color=COLOURS.get(key[0], "k"), alpha=0.12, linewidth=0)
+
+
+def save_with_legend(fig, axes, path: Path) -> None:
+    """One legend for all panels (the first panel's lines), outside on the right."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_pass1(cells, evals, path: Path) -> None:
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     for key, names in sorted(cells.items()):
@@ -180,13 +205,11 @@ def plot(runs, evals, steps, groups, out: Path) -> None:
         band(axes[1], key, names, evals, "completions", "pass1", 100)
     axes[0].set(xlabel="optimiser steps", ylabel="held-out pass@1 (%), mean ± std over seeds")
     axes[1].set(xlabel="completions generated", ylabel="held-out pass@1 (%)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "pass1.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_with_legend(fig, axes, path)
+
+
+def plot_diagnostics(cells, steps, path: Path) -> None:
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     for key, names in sorted(cells.items()):
@@ -195,37 +218,39 @@ def plot(runs, evals, steps, groups, out: Path) -> None:
     for ax, label in zip(axes, ("token entropy of π_θ (nats)", "KL(π_b‖π_θ) per token (k3)",
                                 "mean signed Δ = log π_θ − log π_b per sequence")):
         ax.set(xlabel="optimiser step", ylabel=label)
-        ax.grid(alpha=0.3)
     axes[2].axhline(0, color="black", linewidth=0.8)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "diagnostics.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_with_legend(fig, axes, path)
+
+
+def plot_regimes(cells, groups: list[dict], path: Path) -> None:
+    """Left: the share of each Lambert regime among the groups of each regression cell; right: the mean signed
+    Δ of every cell's groups when used."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def of(key):
+        return [g for g in groups if g["objective"] == key[0] and g["staleness"] == key[1]]
 
     regression = [k for k in sorted(cells) if k[0] not in ("ppo", "pg")]
     fig, (shares, deltas) = plt.subplots(1, 2, figsize=(16, 5.5))
-    table = groups.to_pylist() if groups is not None else []
     labels = [f"{o}\n{s}" for o, s in regression]
     bottom = np.zeros(len(regression))
     for j, regime in enumerate(("pessimistic", "boundary", "optimistic")):
-        values = []
-        for key in regression:
-            rows = [g for g in table if g["objective"] == key[0] and g["staleness"] == key[1]]
-            values.append(100 * sum(1 for g in rows if g["regime"].startswith(regime)) / max(len(rows), 1))
+        values = [100 * sum(1 for g in of(key) if g["regime"].startswith(regime)) / max(len(of(key)), 1)
+                  for key in regression]
         shares.bar(labels, values, bottom=bottom, color=f"C{j + 5}", label=regime, edgecolor="black", linewidth=0.3)
         bottom += np.array(values)
     shares.set(ylabel="groups (%)", title="Lambert regime of the groups, per cell (all seeds)")
     shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     shares.tick_params(axis="x", labelsize=7, labelrotation=45)
     keys = sorted(cells)
-    means = [np.mean([g["log_ratio_mean"] for g in table if g["objective"] == o and g["staleness"] == s]) for o, s in keys]
-    deltas.bar([f"{o}\n{s}" for o, s in keys], means, color=[colours.get(o, "k") for o, _ in keys])
+    means = [np.mean([g["log_ratio_mean"] for g in of(key)]) for key in keys]
+    deltas.bar([f"{o}\n{s}" for o, s in keys], means, color=[COLOURS.get(o, "k") for o, _ in keys])
     deltas.axhline(0, color="black", linewidth=0.8)
     deltas.set(ylabel="mean signed Δ of groups when used (nats)", title="mass leaving the sampled completions (Δ < 0)")
     deltas.tick_params(axis="x", labelsize=7, labelrotation=45)
     fig.tight_layout()
-    fig.savefig(out / "regimes.png", dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
