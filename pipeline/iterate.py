@@ -44,34 +44,21 @@ def run(config: IterateConfig) -> dict:
     directory; only the models stay loaded between stages (`keep_loaded`), so one iteration reads no
     checkpoint it just wrote.
     """
-    from roll.errors import RollError
     from roll.objectives import uses_reference
     from roll.pipeline import retention
     from roll.policy import keep_loaded
     from roll.progress import progress_bar
-    from roll.stages import evaluate, generate, score, train, verify
+    from roll.stages import generate, score, train, verify
     from roll.store import Run, data_window
 
-    if config.iterations < 1:
-        raise RollError(f"--iterations {config.iterations}: must be at least 1")
-    if config.sync_interval < 1:
-        raise RollError(f"--sync-interval {config.sync_interval}: must be at least 1")
-    gen = config.generate or GenerateConfig(run=config.run)
-    trn = config.train or TrainConfig(run=config.run)
-    if config.sync_interval > 1:  # S slices of P prompts (whole groups) per version, one optimiser step each
-        trn = replace(trn, mini_batch=gen.prompts * gen.group_size)
-        gen = replace(gen, prompts=gen.prompts * config.sync_interval)
+    gen, trn = stage_settings(config)
     needs_ref = uses_reference(trn.objective, trn)  # else score skips π_ref's forward
     started = time.perf_counter()
     evals, timings = [], []
 
     def maybe_evaluate(version: int) -> None:
         if config.eval_every and (version % config.eval_every == 0 or version == config.iterations):
-            result = evaluate.run(evaluate.EvaluateConfig(
-                run=config.run, version=version, k=config.eval_k, limit=config.eval_limit,
-                temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                seed=gen.seed, device=gen.device))
-            evals.append({"version": version, "pass@1": result["pass@1"], f"pass@{result['k']}": result[f"pass@{result['k']}"]})
+            evals.append(evaluation(config, gen, version))
 
     with keep_loaded(), progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
         maybe_evaluate(0)
@@ -104,3 +91,30 @@ def run(config: IterateConfig) -> dict:
             "sync_interval": config.sync_interval,
             "versions": config.iterations, "evaluations": evals, "stage_seconds": timings,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def stage_settings(config: IterateConfig) -> tuple[GenerateConfig, TrainConfig]:
+    """generate's and train's settings for every iteration (the version is set per iteration); under a sync
+    interval S, each version samples S × P prompts and its update takes S steps of P × G rows."""
+    from roll.errors import RollError
+
+    if config.iterations < 1:
+        raise RollError(f"--iterations {config.iterations}: must be at least 1")
+    if config.sync_interval < 1:
+        raise RollError(f"--sync-interval {config.sync_interval}: must be at least 1")
+    gen = config.generate or GenerateConfig(run=config.run)
+    trn = config.train or TrainConfig(run=config.run)
+    if config.sync_interval > 1:  # S slices of P prompts (whole groups) per version, one optimiser step each
+        trn = replace(trn, mini_batch=gen.prompts * gen.group_size)
+        gen = replace(gen, prompts=gen.prompts * config.sync_interval)
+    return gen, trn
+
+
+def evaluation(config: IterateConfig, gen: GenerateConfig, version: int) -> dict:
+    """Evaluate `version` with the run's sampling settings: {version, pass@1, pass@k}."""
+    from roll.stages import evaluate
+
+    result = evaluate.run(evaluate.EvaluateConfig(
+        run=config.run, version=version, k=config.eval_k, limit=config.eval_limit, temperature=gen.temperature,
+        top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, seed=gen.seed, device=gen.device))
+    return {"version": version, "pass@1": result["pass@1"], f"pass@{result['k']}": result[f"pass@{result['k']}"]}
