@@ -81,3 +81,34 @@ def test_report_writes_real_images_and_a_summary(tmp_path, tiny_model_dir):
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| ppo | ppo |" in summary and "| stable-pess | stable-pess |" in summary
     assert summary.count("![") == 3
+
+
+def test_a_sync_interval_samples_once_per_version_and_takes_that_many_steps(tmp_path, tiny_model_dir):
+    """DESIGN §3.1's second kind of staleness: with S = 2 and P = 3, each version samples 2 × 3 prompts once and
+    its update takes 2 optimiser steps, each on 3 whole groups (3 × G rows) that the other step does not see,
+    all sampled by the version being updated (π_b fixed through the update)."""
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", tiny_model_dir)
+    roll_cli("iterate", "--run", run, "--iterations", 2, "--sync-interval", 2, "--prompts", 3, "--group-size", 4,
+             "--max-new-tokens", 12, "--eval-every", 0, "--micro-batch", 6)
+    r = Run(run)
+    assert r.policy_versions() == [0, 1, 2]
+    assert query(r, "select policy_version, count(*), count(distinct prompt_id) from rollouts group by 1 order by 1"
+                 ).fetchall() == [(0, 24, 6), (1, 24, 6)]
+    # one steps row per optimiser step; its tokens are those of its 3 groups, its lag 0 (v's own rows)
+    steps = query(r, "select policy_version, step, tokens, lag_mean from steps order by 1, 2").fetchall()
+    assert [(v, s, lag) for v, s, _, lag in steps] == [(1, 0, 0.0), (1, 1, 0.0), (2, 0, 0.0), (2, 1, 0.0)]
+    for version in (1, 2):
+        prompts_of_step = {step: {p for (p,) in query(r, f"select prompt_id from groups where policy_version = "
+                                                       f"{version} and step = {step}").fetchall()} for step in (0, 1)}
+        assert len(prompts_of_step[0]) == len(prompts_of_step[1]) == 3
+        assert not prompts_of_step[0] & prompts_of_step[1]
+        sampled = {p for (p,) in query(r, f"select distinct prompt_id from rollouts where policy_version = "
+                                          f"{version - 1}").fetchall()}
+        assert prompts_of_step[0] | prompts_of_step[1] == sampled
+        for step in (0, 1):
+            tokens = query(r, f"select sum(len(token_ids)) from rollouts where policy_version = {version - 1} and "
+                              f"prompt_id in ({', '.join(repr(p) for p in prompts_of_step[step])})").fetchone()[0]
+            assert dict(((v, s), t) for v, s, t, _ in steps)[(version, step)] == tokens
+    refused = roll_cli("iterate", "--run", run, "--sync-interval", 0, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == "roll: error: --sync-interval 0: must be at least 1"
