@@ -236,22 +236,22 @@ def serve(socket_path: str, command, ready=None) -> None:
     # what importing did to the environment (torch sets TORCHINDUCTOR_CACHE_DIR): a cold process has it too
     set_by_imports = {key: value for key, value in os.environ.items() if before.get(key) != value}
     gc.freeze()  # the imported objects stay out of the collector's scans: children share their pages longer
-    path = Path(socket_path)
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o600)  # one user's commands only: a child runs with this process's rights
-    listener.listen(64)
-
     # SIGCHLD wakes the loop through a socketpair so that finished children are reaped and reported at once
     wake_read, wake_write = socket.socketpair()
     wake_read.setblocking(False)
     wake_write.setblocking(False)
     signal.set_wakeup_fd(wake_write.fileno())
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    stopping = []
+    stopping = []  # before the socket exists: a SIGTERM as soon as it appears must still remove it
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.append(True))
+
+    path = Path(socket_path)
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)  # one user's commands only: a child runs with this process's rights
+    listener.listen(64)
 
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
