@@ -45,10 +45,42 @@ def roll_cli(*args, cwd=None, env=None, check=True, timeout=300) -> subprocess.C
 
 def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
     """Poll `predicate` every 5 ms until it holds; fail the test after `timeout` seconds."""
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
+
+
+# Prepended to a test's program: the process stops inside the checkpoint commit, once every file is written in
+# the temporary directory and before the rename that commits it (as if the disk were slow there), and says so on
+# stdout, so a kill lands inside the commit on any machine, however loaded. The files and process are real.
+PAUSE_IN_COMMIT = """
+import sys, time
+import roll.store
+_apply_umask = roll.store.apply_umask
+def _pause_in_commit(path):
+    _apply_umask(path)
+    if path.name.endswith('.tmp'):
+        print('in-commit', flush=True)
+        time.sleep(3600)
+roll.store.apply_umask = _pause_in_commit
+"""
+
+
+def kill_in_commit(program: str, *args) -> None:
+    """Run `python -c PAUSE_IN_COMMIT + program *args`, SIGKILL it inside its checkpoint commit, and check that it
+    died of that kill (not of an error before the commit)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_COMMIT + program, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "in-commit":
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and line.strip() == "in-commit", proc.stderr.read()[-3000:]
 
 
 def start_and_wait_for_progress(args: list, marker: str) -> subprocess.Popen:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 
 from roll.store import OPTIMIZER_STATE, Run, query
 
-from conftest import fixed_data_run, roll_cli, wait_for
+from conftest import fixed_data_run, kill_in_commit, roll_cli
 
 # one optimiser step per update: the mini-batch holds every row, so n updates are n AdamW steps
 STEP = ["--objective", "stable-pess", "--mini-batch", "1000", "--micro-batch", "8", "--lr", "1e-3"]
@@ -78,28 +76,16 @@ def test_warmup_is_linear_over_global_optimiser_steps(run_dir):
     assert [lr for (lr,) in lrs] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3], rel=1e-12)
 
 
-def test_sigkill_while_committing_leaves_no_half_written_state_and_the_rerun_matches(tmp_path):
-    """A model big enough (~45 MB weights, ~90 MB Adam state) that its commit takes a while to write."""
-    from roll.policy import build_default_model, build_default_tokenizer
-    from roll.runs import InitConfig, init_run
-
-    model_dir = tmp_path / "model"
-    tokenizer = build_default_tokenizer()
-    build_default_model(tokenizer, d_model=384, layers=6, heads=6, seed=0).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
-    init_run(InitConfig(run=killed, model=str(model_dir)))
+def test_sigkill_while_committing_leaves_no_half_written_state_and_the_rerun_matches(run_dir, tmp_path):
+    """Killed inside the checkpoint commit (every file written beside v0001, not yet renamed into place)."""
+    killed, reference = run_dir, tmp_path / "reference"
     fixed_data_run(killed, prompts=2, group_size=2, max_new_tokens=8)
     shutil.copytree(killed, reference)
     roll_cli("train", "--run", reference, *STEP)
 
-    args = [sys.executable, "-m", "roll", "train", "--run", str(killed), *STEP]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_in_commit("from roll.cli import main\nsys.argv = ['roll', *sys.argv[1:]]\nmain()",
+                   "train", "--run", killed, *STEP)
     policies = Run(killed).root / "policies"
-    wait_for(lambda: list(policies.glob(".v0001.*.tmp")) or proc.poll() is not None, timeout=300,
-             what="the commit's temporary directory")
-    proc.kill()
-    proc.wait()
     assert list(policies.glob(".v0001.*.tmp")), "the update was not killed inside its commit"
     assert Run(killed).policy_versions() == [0] and not (policies / "v0001").exists()
     # steps and groups are written just before the policy: a reader must not see them without it

@@ -14,7 +14,7 @@ import pytest
 from roll.errors import RollError
 from roll.store import SCHEMAS, Run, Shard, check_schema, query, read_table, write_table
 
-from conftest import wait_for
+from conftest import kill_in_commit, wait_for
 
 
 def rollout_rows(n: int, version: int = 0) -> pa.Table:
@@ -132,7 +132,8 @@ def sigkill_once_writing(script: str, argument: Path, directory: Path, pattern: 
     """Run `script argument` and SIGKILL it as soon as `directory` holds a path matching `pattern`."""
     proc = subprocess.Popen([sys.executable, "-c", script, str(argument)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    wait_for(lambda: list(directory.glob(pattern)), timeout=60, what=f"{pattern} in {directory}")
+    wait_for(lambda: list(directory.glob(pattern)) or proc.poll() is not None, timeout=60,
+             what=f"{pattern} in {directory}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -156,16 +157,15 @@ COMMITTER = textwrap.dedent("""
     from pathlib import Path
     from roll.policy import build_default_model, build_default_tokenizer, save_policy
     tokenizer = build_default_tokenizer()
-    model = build_default_model(tokenizer, d_model=384, layers=6, heads=6, seed=0)  # ~45 MB: a save takes a while
-    print("ready", flush=True)
-    save_policy(model, tokenizer, Path(sys.argv[1]) / "v0001", {"policy_version": 1})
+    save_policy(build_default_model(tokenizer, seed=0), tokenizer, Path(sys.argv[1]) / "v0001", {"policy_version": 1})
 """)
 
 
 def test_checkpoint_committer_killed_mid_save_leaves_nothing_behind_after_a_rerun(tmp_path):
     policies = tmp_path / "policies"
-    sigkill_once_writing(COMMITTER, policies, policies, ".v0001.*.tmp/*")
-    assert list(policies.glob(".v0001.*.tmp")), "the committer was killed before it started writing"
+    kill_in_commit(COMMITTER, policies)
+    temporaries = list(policies.glob(".v0001.*.tmp"))
+    assert len(temporaries) == 1 and (temporaries[0] / "policy.json").exists()  # every file written, not renamed
     assert not (policies / "v0001").exists()
     rerun = subprocess.run([sys.executable, "-c", COMMITTER, str(policies)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
