@@ -3,6 +3,7 @@ minimiser, the regimes of DESIGN §2.1, stability at tiny β, and stable-pess's 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -84,7 +85,8 @@ def test_stable_at_tiny_beta_and_huge_advantage_ratios(beta):
     assert scipy.special.logsumexp(log_r) - math.log(len(u)) == pytest.approx(0.0, abs=1e-9)
 
 
-@settings(max_examples=200, deadline=None)
+# the same 200 examples on every CI run (a counterexample found there must reproduce); random ones elsewhere
+@settings(max_examples=200, deadline=None, derandomize=bool(os.environ.get("CI")))
 @given(rewards=st.lists(st.floats(0, 1, allow_nan=False), min_size=2, max_size=16),
        beta=st.floats(1e-3, 10.0), shift=st.floats(0.05, 5.0))
 def test_stable_pess_keeps_k_at_least_s_for_any_rewards(rewards, beta, shift):
