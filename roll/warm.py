@@ -77,7 +77,10 @@ def run_warm(socket_path: str, argv: list[str]) -> int | None:
         else:
             pending.append(signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    # a signal the command was started ignoring (SIGHUP under nohup, SIGINT of `cmd &` in a script) stays
+    # ignored: it is not forwarded, so the child, which starts with the defaults, never sees it
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         conn.connect(socket_path)
         socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
@@ -88,11 +91,11 @@ def run_warm(socket_path: str, argv: list[str]) -> int | None:
         if answer is not None:
             reason = conn.recv(4096).decode(errors="replace") if answer else "closed the connection"
             reason = f"the warm process at {socket_path} {reason}"
-        print(f"roll: note: {reason}; starting cold", file=sys.stderr)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in pending:  # what a cold process would have done with it
+        for signum in pending:  # what a cold process would have done with it (it ends here, as a rule)
             signal.raise_signal(signum)
+        print(f"roll: note: {reason}; starting cold", file=sys.stderr)
         return None
     forwarding.append(True)
     while pending:

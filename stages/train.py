@@ -449,7 +449,7 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             totals, extremes, deltas = dist.reduce_metrics(totals, extremes, deltas)
             for row, delta in deltas:
                 first_use.setdefault(row, (len(records), delta))
-            records.append(step_record(rows, (mini, mini_tokens), totals, extremes, deltas, config, version,
+            records.append(step_record(rows, mini, mini_tokens, totals, extremes, deltas, config, version,
                                        len(records), global_step + len(records), float(grad_norm), lr, stale_base,
                                        step_started))
             advance()
@@ -492,13 +492,13 @@ def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: Trai
     return totals, extremes, deltas
 
 
-def step_record(rows: Window, share_of: tuple[list[int], int], totals, extremes, deltas, config: TrainConfig,
+def step_record(rows: Window, mini: list[int], mini_tokens: int, totals, extremes, deltas, config: TrainConfig,
                 version: int, step: int, global_step: int, grad_norm: float, lr: float, stale_base: dict[int, int],
                 started: float) -> dict:
-    """One `steps` row from a step's reduced diagnostics (token means over the whole mini-batch)."""
+    """One `steps` row from a step's reduced diagnostics (token means over the whole mini-batch: rows `mini`,
+    `mini_tokens` tokens)."""
     import numpy as np
 
-    mini, mini_tokens = share_of
     behaviour_versions = rows.scalars["policy_version"]
     log_weights = np.array([delta for _, delta in deltas])
     w = np.exp(log_weights - log_weights.max())

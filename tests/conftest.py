@@ -60,50 +60,62 @@ import roll.store
 _apply_umask = roll.store.apply_umask
 def _pause_in_commit(path):
     _apply_umask(path)
-    if path.name.endswith('.tmp'):
+    if path.is_dir() and path.name.startswith('.v') and path.name.endswith('.tmp'):  # a checkpoint's temporary
         print('in-commit', flush=True)
         time.sleep(3600)
 roll.store.apply_umask = _pause_in_commit
 """
+KILL_DEADLINE_S = 300  # a hang guard: the command never reached the point to be killed at
 
 
 def kill_in_commit(program: str, *args) -> None:
     """Run `python -c PAUSE_IN_COMMIT + program *args`, SIGKILL it inside its checkpoint commit, and check that it
     died of that kill (not of an error before the commit)."""
     import signal
+    import tempfile
+    import threading
 
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_COMMIT + program, *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.strip() == "in-commit":
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and line.strip() == "in-commit", proc.stderr.read()[-3000:]
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: a chatty command never blocks on it
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_COMMIT + program, *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        guard = threading.Timer(KILL_DEADLINE_S, proc.kill)
+        guard.start()
+        line = ""
+        try:
+            for line in proc.stdout:
+                if line.strip() == "in-commit":
+                    break
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            guard.cancel()
+        stderr.seek(0)
+        assert proc.wait() == -signal.SIGKILL and line.strip() == "in-commit", stderr.read()[-3000:]
 
 
-def start_and_wait_for_progress(args: list, marker: str) -> subprocess.Popen:
-    """Start `args` with stderr on a pseudo-terminal, so that rich draws the progress bar live, and return once
-    the bar named `marker` is drawn: the command is then inside that loop (a kill lands there, not in start-up)."""
+def kill_once_progress_is_drawn(args: list, marker: str) -> None:
+    """Start `args` with stderr on a pseudo-terminal, so that rich draws the progress bar live; SIGKILL it once
+    the bar named `marker` is drawn (the command is then inside that loop, not in start-up), and check that it
+    died of that kill."""
     import pty
     import select
+    import signal
 
     master, terminal = pty.openpty()
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=terminal)
     os.close(terminal)
-    seen = b""
+    seen, deadline = b"", time.monotonic() + KILL_DEADLINE_S
     try:
-        while marker.encode() not in seen and proc.poll() is None:
+        while marker.encode() not in seen and proc.poll() is None and time.monotonic() < deadline:
             if select.select([master], [], [], 1.0)[0]:
                 try:
                     seen += os.read(master, 4096)
                 except OSError:  # the terminal closed: the command has ended
                     break
     finally:
-        os.close(master)  # later writes to the closed terminal do not block the command
-    assert proc.poll() is None, f"{marker!r} was not drawn before the command ended: " + seen.decode(errors="replace")[-2000:]
-    return proc
+        proc.send_signal(signal.SIGKILL)
+        os.close(master)  # only now: the command's next write to a closed terminal would fail
+    drawn = marker.encode() in seen
+    assert proc.wait() == -signal.SIGKILL and drawn, f"{marker!r} drawn: {drawn}; {seen[-2000:]!r}"
 
 
 def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):

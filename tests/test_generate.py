@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from roll.sampling import sampling_logprobs, teacher_forced_logprobs
 from roll.stages.generate import GenerateConfig, run, version_prompt_ids
 from roll.store import Run, Shard, query
 
-from conftest import roll_cli, start_and_wait_for_progress
+from conftest import roll_cli, kill_once_progress_is_drawn
 
 SMALL = dict(prompts=6, group_size=4, max_new_tokens=24)
 
@@ -104,9 +103,7 @@ def test_generate_killed_mid_run_then_rerun_completes(run_dir, tmp_path):
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
     # killed once the progress bar is drawn, i.e. while the first of 6 batches samples
-    proc = start_and_wait_for_progress(args, "generate v0")
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not ended
+    kill_once_progress_is_drawn(args, "generate v0")
     r = Run(run_dir)
     directory = r.version_dir("rollouts", 0)
     assert not directory.exists() or list(directory.iterdir()) == []  # no shard, no temporary

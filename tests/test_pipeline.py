@@ -98,6 +98,7 @@ def test_a_sync_interval_samples_once_per_version_and_takes_that_many_steps(tmp_
     # one steps row per optimiser step; its tokens are those of its 3 groups, its lag 0 (v's own rows)
     steps = query(r, "select policy_version, step, tokens, lag_mean from steps order by 1, 2").fetchall()
     assert [(v, s, lag) for v, s, _, lag in steps] == [(1, 0, 0.0), (1, 1, 0.0), (2, 0, 0.0), (2, 1, 0.0)]
+    tokens_of_step = {(v, s): t for v, s, t, _ in steps}
     for version in (1, 2):
         prompts_of_step = {step: {p for (p,) in query(r, f"select prompt_id from groups where policy_version = "
                                                        f"{version} and step = {step}").fetchall()} for step in (0, 1)}
@@ -109,6 +110,6 @@ def test_a_sync_interval_samples_once_per_version_and_takes_that_many_steps(tmp_
         for step in (0, 1):
             tokens = query(r, f"select sum(len(token_ids)) from rollouts where policy_version = {version - 1} and "
                               f"prompt_id in ({', '.join(repr(p) for p in prompts_of_step[step])})").fetchone()[0]
-            assert dict(((v, s), t) for v, s, t, _ in steps)[(version, step)] == tokens
+            assert tokens_of_step[(version, step)] == tokens
     refused = roll_cli("iterate", "--run", run, "--sync-interval", 0, check=False)
     assert refused.returncode == 2 and refused.stderr.strip() == "roll: error: --sync-interval 0: must be at least 1"

@@ -161,7 +161,9 @@ COMMITTER = textwrap.dedent("""
 """)
 
 
-def test_checkpoint_committer_killed_mid_save_leaves_nothing_behind_after_a_rerun(tmp_path):
+def test_checkpoint_committer_killed_before_its_rename_leaves_nothing_behind_after_a_rerun(tmp_path):
+    """Killed with every file written beside v0001 and the rename not done (a half-written temporary is
+    cleared the same way: `clear_stale_temporaries` goes by its owner's pid, not by what it holds)."""
     policies = tmp_path / "policies"
     kill_in_commit(COMMITTER, policies)
     temporaries = list(policies.glob(".v0001.*.tmp"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.train import TrainConfig, run as train
 from roll.store import Run, Shard, data_window, query
 
-from conftest import fixed_data_run, roll_cli, start_and_wait_for_progress
+from conftest import fixed_data_run, roll_cli, kill_once_progress_is_drawn
 
 SMALL = dict(prompts=6, group_size=4, max_new_tokens=20)
 FAST = dict(mini_batch=12, micro_batch=12)
@@ -116,11 +115,8 @@ def test_killed_update_leaves_no_new_version_and_the_rerun_equals_an_uninterrupt
     roll_cli("train", "--run", reference, *options)
     # killed once the progress bar of the optimiser steps is drawn (verify and score are done: the data was
     # prepared), so the kill lands inside the update
-    proc = start_and_wait_for_progress([sys.executable, "-m", "roll", "train", "--run", run_dir, *options],
-                                       "train v0->v1")
+    kill_once_progress_is_drawn([sys.executable, "-m", "roll", "train", "--run", run_dir, *options], "train v0->v1")
     r = Run(run_dir)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not ended
     assert r.policy_versions() == [0] and not r.policy_dir(1).exists()
     assert query(r, "select count(*) from steps").fetchall() == [(0,)]
     roll_cli("train", "--run", run_dir, *options)  # the same command again

@@ -118,38 +118,47 @@ def test_the_child_dies_with_the_command(tmp_path, tiny_model_dir, warm, how):
     assert Run(run).shards("rollouts", 0) == {}  # killed before its commit: nothing half-written is visible
 
 
-def test_a_signal_sent_before_the_child_exists_is_passed_on(tmp_path):
+def test_a_signal_sent_before_the_child_exists_is_passed_on_and_an_ignored_one_is_not(tmp_path):
     """SIGTERM reaching the command while the warm process has its request but has not yet answered: the
     command must hold it and pass it on once the child exists, not let one of its library threads take it
-    and die by default, leaving the child to run on. A listening socket of the test's own plays the warm
-    process, so the signal lands exactly in that window."""
+    and die by default, leaving the child to run on. SIGHUP, which the command was started ignoring (as under
+    nohup), must stay ignored: not passed on to a child that starts with the default (death). A listening
+    socket of the test's own plays the warm process, so the signals land exactly in that window."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "roll.sock"))
     listener.listen(1)
+    listener.settimeout(120)
     client = subprocess.Popen([sys.executable, "-m", "roll", "sql", "select 1", "--run", str(tmp_path)],
                               env={**os.environ, **ENV, "ROLL_WARM": str(tmp_path / "roll.sock")},
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    listener.settimeout(120)
-    conn, _ = listener.accept()
-    conn.settimeout(60)
-    _, fds, _, _ = socket.recv_fds(conn, 65536, 3)  # the request: the command now waits for the answer
-    for fd in fds:
-        os.close(fd)
-    client.send_signal(signal.SIGTERM)
 
-    def delivered() -> bool:  # it has died of it, or the signal is no longer pending: handled
+    def delivered(signum) -> bool:  # it has died of it, or the signal is no longer pending: handled
         if client.poll() is not None:
             return True
-        status = dict(line.split(":", 1) for line in open(f"/proc/{client.pid}/status").read().splitlines())
-        return not int(status["ShdPnd"], 16) & 1 << (signal.SIGTERM - 1)
+        with open(f"/proc/{client.pid}/status") as status_file:
+            status = dict(line.split(":", 1) for line in status_file.read().splitlines())
+        return not int(status["ShdPnd"], 16) & 1 << (signum - 1)
 
-    wait_for(delivered, timeout=30, what="SIGTERM to be delivered")
-    conn.sendall(b"+")  # the child exists
-    assert conn.recv(1) == bytes([signal.SIGTERM]), client.stderr.read()
-    conn.sendall(STATUS.pack(128 + signal.SIGTERM))  # and died of it
-    assert client.wait(60) == 128 + signal.SIGTERM, client.stderr.read()
-    conn.close()
-    listener.close()
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(60)
+        _, fds, _, _ = socket.recv_fds(conn, 65536, 3)  # the request: the command now waits for the answer
+        for fd in fds:
+            os.close(fd)
+        for signum in (signal.SIGHUP, signal.SIGTERM):
+            client.send_signal(signum)
+            wait_for(lambda: delivered(signum), timeout=30, what=f"signal {signum} to be delivered")
+        conn.sendall(b"+")  # the child exists
+        assert conn.recv(1) == bytes([signal.SIGTERM])  # SIGTERM alone, SIGHUP was never queued
+        conn.sendall(STATUS.pack(128 + signal.SIGTERM))  # and the child died of it
+        assert client.wait(60) == 128 + signal.SIGTERM
+        assert conn.recv(16) == b""  # nothing more was passed on
+    finally:
+        client.kill()
+        client.wait()
+        print(client.stderr.read())  # shown by pytest when an assertion above failed
+        listener.close()
 
 
 def test_sigterm_stops_the_warm_process_and_removes_its_socket(tmp_path):
