@@ -16,7 +16,8 @@ A command starts cold instead, with one line on stderr, when the socket does not
 source files, the Python executable or an import-time variable (OMP_*, HF_*, TORCH* …) differ from the warm
 process's: a warm child must run exactly the code and settings a cold process would. If the command's
 process is killed, its child is killed too (as SIGKILL: stages commit atomically, so nothing is
-half-written); SIGINT, SIGTERM and SIGHUP sent to the command are passed on to the child.
+half-written); SIGINT, SIGTERM and SIGHUP sent to the command are passed on to the child, unless the
+command was started ignoring them (`nohup`).
 
 Unix only (sockets that pass file descriptors; tested on Linux); it serves its owner's commands (socket mode 0600).
 """
