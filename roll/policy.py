@@ -218,8 +218,8 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
     import torch
 
     from roll.lora import is_adapter
-    from roll.store import (MASTER_WEIGHTS, OPTIMIZER_STATE, apply_umask, clear_stale_temporaries, os_error,
-                            temporary_path)
+    from roll.store import (MASTER_WEIGHTS, OPTIMIZER_STATE, POLICY_META, apply_umask, clear_stale_temporaries,
+                            os_error, temporary_path)
 
     directory = Path(directory)
     tmp = temporary_path(directory)
@@ -241,7 +241,7 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
-        (tmp / "policy.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / POLICY_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         apply_umask(tmp)  # safetensors writes its file 0600
         if directory.exists():
             shutil.rmtree(directory)

@@ -133,7 +133,10 @@ TRAIN_TABLES = ("steps", "groups")
 OPE_TABLES = ("ope", "ope_summary")
 _GROUP = {"steps": "train", "groups": "train", "ope_summary": "ope"}  # table → its directory under the run
 
-# Inside a policy directory beside the weights: the optimiser state the next update resumes (DESIGN §3.1a).
+# Inside a policy directory: its record (parent, objective, settings, data versions), written last, so that
+# its presence commits the version; it outlives the weights `roll gc` deletes.
+POLICY_META = "policy.json"
+# … beside the weights: the optimiser state the next update resumes (DESIGN §3.1a).
 OPTIMIZER_STATE = "optimizer.pt"
 # … and, for a checkpoint stored in bfloat16, the float32 master weights training continues from (DESIGN §3.1b).
 MASTER_WEIGHTS = "master.safetensors"
@@ -164,16 +167,21 @@ def data_window(version: int, lag: int, window: int) -> tuple[int, int]:
     return max(0, version - lag - window + 1), max(0, version - lag)
 
 
+def policy_meta(policy_dir: str | Path) -> dict:
+    """A committed version's policy.json."""
+    import json
+
+    return json.loads((Path(policy_dir) / POLICY_META).read_text())
+
+
 def adapter_settings(policy_dir: str | Path) -> dict | None:
     """A LoRA version's `lora` entry of policy.json ({rank, alpha, base, targets}); None for a full checkpoint
     (a directory without adapter_config.json)."""
-    import json
-
     policy_dir = Path(policy_dir)
     if not (policy_dir / ADAPTER_CONFIG).is_file():
         return None
     try:
-        settings = json.loads((policy_dir / "policy.json").read_text())["lora"]
+        settings = policy_meta(policy_dir)["lora"]
         int(settings["base"])
         return settings
     except (OSError, ValueError, KeyError, TypeError):
@@ -417,7 +425,7 @@ class Run:
         if not base.is_dir():
             return []
         found = (_POLICY_RE.match(p.name) for p in base.iterdir())
-        return sorted(int(m.group(1)) for m in found if m and (base / m.group(0) / "policy.json").is_file())
+        return sorted(int(m.group(1)) for m in found if m and (base / m.group(0) / POLICY_META).is_file())
 
     def checkpoint_versions(self) -> list[int]:
         """Committed versions whose weights are still on disk (not collected by `roll gc`)."""
@@ -436,7 +444,7 @@ class Run:
         version's adapter_config.json) goes first, so the version stops counting as a checkpoint before anything
         else disappears."""
         directory = self.policy_dir(version)
-        names = sorted((p for p in directory.iterdir() if p.name != "policy.json"),
+        names = sorted((p for p in directory.iterdir() if p.name != POLICY_META),
                        key=lambda p: p.name not in CHECKPOINT_CONFIGS)
         for path in names:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -493,12 +501,10 @@ class Run:
     def trained_on(self, version: int) -> set[int]:
         """The data versions read by the updates that made `version` and its ancestors (policy.json's parent
         and data_versions, back to v0): rows a judge of `version` would see in-sample."""
-        import json
-
         committed, read, seen, current = set(self.policy_versions()), set(), set(), version
         while current is not None and current not in seen and current in committed:
             seen.add(current)
-            meta = json.loads((self.policy_dir(current) / "policy.json").read_text())
+            meta = policy_meta(self.policy_dir(current))
             read.update(meta.get("data_versions") or [])
             current = meta.get("parent")
         return read
