@@ -228,15 +228,15 @@ def plot_regimes(cells, groups: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    def of(key):
-        return [g for g in groups if g["objective"] == key[0] and g["staleness"] == key[1]]
-
+    of_cell: dict[tuple[str, str], list[dict]] = {key: [] for key in cells}  # one pass over the groups
+    for g in groups:
+        of_cell.get((g["objective"], g["staleness"]), []).append(g)
     regression = [k for k in sorted(cells) if k[0] not in ("ppo", "pg")]
     fig, (shares, deltas) = plt.subplots(1, 2, figsize=(16, 5.5))
     labels = [f"{o}\n{s}" for o, s in regression]
     bottom = np.zeros(len(regression))
     for j, regime in enumerate(("pessimistic", "boundary", "optimistic")):
-        values = [100 * sum(1 for g in of(key) if g["regime"].startswith(regime)) / max(len(of(key)), 1)
+        values = [100 * sum(1 for g in of_cell[key] if g["regime"].startswith(regime)) / max(len(of_cell[key]), 1)
                   for key in regression]
         shares.bar(labels, values, bottom=bottom, color=f"C{j + 5}", label=regime, edgecolor="black", linewidth=0.3)
         bottom += np.array(values)
@@ -244,7 +244,7 @@ def plot_regimes(cells, groups: list[dict], path: Path) -> None:
     shares.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     shares.tick_params(axis="x", labelsize=7, labelrotation=45)
     keys = sorted(cells)
-    means = [np.mean([g["log_ratio_mean"] for g in of(key)]) for key in keys]
+    means = [np.mean([g["log_ratio_mean"] for g in of_cell[key]]) for key in keys]
     deltas.bar([f"{o}\n{s}" for o, s in keys], means, color=[COLOURS.get(o, "k") for o, _ in keys])
     deltas.axhline(0, color="black", linewidth=0.8)
     deltas.set(ylabel="mean signed Δ of groups when used (nats)", title="mass leaving the sampled completions (Δ < 0)")
