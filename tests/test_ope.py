@@ -10,7 +10,7 @@ import pytest
 from roll.ope import LAMBDA_GRID, evaluate, log_prompt_values, ls_bound, ls_estimate
 from roll.store import Run, query
 
-from conftest import roll_cli
+from conftest import fixed_data_run, roll_cli, wait_for
 
 
 def test_estimate_and_bound_against_hand_computation():
@@ -162,8 +162,6 @@ def test_a_killed_ope_resumes_and_ends_like_an_uninterrupted_one(run_dir, tmp_pa
 
     import pyarrow.parquet as pq
 
-    from conftest import wait_for
-
     from roll.pipeline.prepare import prepare
     from roll.stages.generate import GenerateConfig, run as generate
     from roll.store import Shard
@@ -197,8 +195,6 @@ def test_a_killed_ope_resumes_and_ends_like_an_uninterrupted_one(run_dir, tmp_pa
 
 def test_judging_a_checkpoint_on_rows_its_ancestry_trained_on_is_flagged(run_dir):
     """EXPERIMENTS.md (lag 4): on rows an update of V's ancestry read, the bound failed; roll says so."""
-    from conftest import fixed_data_run
-
     fixed_data_run(run_dir)
     roll_cli("train", "--run", run_dir)  # v1, trained on v0's rows
     assert Run(run_dir).trained_on(1) == {0} and Run(run_dir).trained_on(0) == set()
