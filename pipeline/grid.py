@@ -1,7 +1,8 @@
-"""The staleness experiment of EXPERIMENTS.md: objectives × staleness kinds × seeds, one run directory a cell.
+"""The staleness experiments of EXPERIMENTS.md: variants × staleness kinds × seeds, one run directory a cell.
 
     python -m roll.pipeline.grid runs/grid --parallel 2 --threads 1        # every cell, resumable
     python -m roll.pipeline.grid runs/grid --only stable-pess-lag8-seed0   # one cell
+    python -m roll.pipeline.grid runs/frontier --grid frontier             # the staleness frontier (below)
 
 Each cell is `roll init` + `roll iterate` as subprocesses, with the same number of optimiser steps (24) and
 of generated completions (24 × 64 prompts × 8) whatever its staleness:
@@ -16,6 +17,15 @@ sync cells evaluate every version, 8 steps apart) and the end. Cells run seed-ma
 still compares every objective on the seeds it reached; a cell whose iterate.json exists is done, and a
 killed cell resumes where it stopped (every stage skips what is committed). Checkpoints that nothing needs
 are deleted as the cell goes (`--keep-policies 1`).
+
+The frontier grid (issue 20) asks the same question 96 optimiser steps out, with the peers' stale-data
+objectives: variants {ppo, decoupled-ppo, m2po, pmd-mean, stable-pess, stable-pess-parent (--anchor parent),
+oapl, oapl-shift (--shift 5)} × staleness {lag0, lag32, sync32 (--sample-every 32), offline96 (--sample-every
+96)} × seeds, 96 steps of 32 prompts × 8 a cell (96 × 256 completions whatever the staleness), evaluated on the
+whole test split (500 × 4) every 32 versions. At lag 0 (one step per update from π_b) decoupled-ppo and m2po are
+ppo and the parent anchor is the behaviour anchor, exactly (tests/test_objectives.py, tests/test_train.py), so
+they run only where they can differ. `--micro-batch 256` puts a step's 256 completions in one micro-batch, so
+m2po's second-moment mask is taken over the whole step as in M2PO.
 """
 from __future__ import annotations
 
@@ -39,6 +49,43 @@ STALENESS = {  # name → roll iterate options
 }
 
 
+FRONTIER_STEPS = 96
+FRONTIER_STALENESS = {
+    "lag0": ["--lag", "0"],
+    "lag32": ["--lag", "32"],
+    "sync32": ["--sample-every", "32"],
+    "offline96": ["--sample-every", "96"],
+}
+FRONTIER_COMMON = ["--iterations", str(FRONTIER_STEPS), "--eval-every", str(FRONTIER_STEPS // 3), "--prompts", "32",
+                   "--micro-batch", "256"]
+# oapl's baseline V_β₁ = β₁·log mean e^{r/β₁} lies above the group mean r̄ by at most 0.48 for 0/1 rewards at
+# β₁ = 0.2 (at a success rate near 0.2); s·β = 5 × 0.1 = 0.5 puts it below r̄ in every group (Asymmetric REINFORCE)
+VARIANTS = {
+    "ppo": ["--objective", "ppo"],
+    "decoupled-ppo": ["--objective", "decoupled-ppo"],
+    "m2po": ["--objective", "m2po"],
+    "pmd-mean": ["--objective", "pmd-mean"],
+    "stable-pess": ["--objective", "stable-pess"],
+    "stable-pess-parent": ["--objective", "stable-pess", "--anchor", "parent"],
+    "oapl": ["--objective", "oapl"],
+    "oapl-shift": ["--objective", "oapl", "--shift", "5"],
+}
+EQUAL_AT_LAG0 = ("decoupled-ppo", "m2po", "stable-pess-parent")  # = ppo, ppo, stable-pess at lag 0 (tested)
+
+
+def frontier_cells(seeds=(0, 1, 2)) -> list[tuple[str, str, int]]:
+    """(variant, staleness, seed), seed-major; the stale kinds first within a seed (where methods separate)."""
+    out = []
+    for seed in seeds:
+        for staleness in ("lag32", "offline96", "sync32", "lag0"):
+            out += [(v, staleness, seed) for v in VARIANTS if not (staleness == "lag0" and v in EQUAL_AT_LAG0)]
+    return out
+
+
+def frontier_options(variant: str, staleness: str) -> list[str]:
+    return [*VARIANTS[variant], *FRONTIER_COMMON, *FRONTIER_STALENESS[staleness]]
+
+
 def cells(seeds=(0, 1, 2)) -> list[tuple[str, str, int]]:
     """(objective, staleness, seed), seed-major; lag 4 last (the issue's 'if time allows')."""
     out = []
@@ -53,7 +100,14 @@ def cell_name(objective: str, staleness: str, seed: int) -> str:
     return f"{objective}-{staleness}-seed{seed}"
 
 
-def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int) -> dict:
+def staleness_options(objective: str, staleness: str) -> list[str]:
+    return ["--objective", objective, *STALENESS[staleness]]
+
+
+GRIDS = {"staleness": (cells, staleness_options), "frontier": (frontier_cells, frontier_options)}
+
+
+def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int, options=staleness_options) -> dict:
     run = out / cell_name(objective, staleness, seed)
     done = run / "iterate.json"
     if done.is_file():
@@ -66,8 +120,8 @@ def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int)
     with open(log, "a") as err:
         if not (run / "run.toml").is_file():
             subprocess.run([*roll, "init", "--run", str(run)], env=env, check=True, stdout=subprocess.DEVNULL, stderr=err)
-        proc = subprocess.run([*roll, "iterate", "--run", str(run), "--objective", objective, "--seed", str(seed),
-                               "--keep-policies", "1", *STALENESS[staleness]],
+        proc = subprocess.run([*roll, "iterate", "--run", str(run), "--seed", str(seed), "--keep-policies", "1",
+                               *options(objective, staleness)],
                               env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     if proc.returncode != 0:
         return {"cell": run.name, "failed": proc.returncode}
@@ -85,13 +139,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", action="append", default=None, help="run only this cell (repeatable)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="staleness")
     args = parser.parse_args(argv)
-    todo = cells(tuple(int(s) for s in args.seeds.split(",")))
+    make_cells, options = GRIDS[args.grid]
+    todo = make_cells(tuple(int(s) for s in args.seeds.split(",")))
     if args.only:
         todo = [c for c in todo if cell_name(*c) in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        for result in pool.map(lambda c: run_cell(args.out, *c, args.threads), todo):
+        for result in pool.map(lambda c: run_cell(args.out, *c, args.threads, options), todo):
             print(json.dumps(result), flush=True)
 
 

@@ -8,8 +8,11 @@ is already committed, so rerunning the same command after a crash or Ctrl-C resu
 The two kinds of staleness of DESIGN §3.1: version lag (`lag`, `window`), and the sync interval S of OAPL,
 where policy v samples S × P prompts once and the update v → v+1 takes S optimiser steps, each on P of
 those prompts (mini-batch P × G), with π_b fixed. S versions of one step and one version of S steps take
-the same number of steps on the same number of completions. With `keep_policies`, checkpoints that no
-later stage needs are deleted after each iteration (`roll gc`).
+the same number of steps on the same number of completions. `sample_every` S is the sync interval with a
+version committed after every step: only versions kS sample (S × P prompts), and update v → v+1 takes one
+step on the (v mod S)-th P prompts of version S·⌊v/S⌋ (`--data-slice`), so it can be evaluated between
+samplings; S ≥ the iterations is fully offline (one sampling, then every step on it). With `keep_policies`,
+checkpoints that no later stage needs are deleted after each iteration (`roll gc`).
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class IterateConfig:
                                     show_default=False)
     sync_interval: int = option(1, "S: each version samples S x --prompts prompts once and its update takes S optimiser "
                                    "steps on them.")
+    sample_every: int = option(1, "S: sample only at versions k·S (S x --prompts prompts); each update takes one step on "
+                                  "its own --prompts of them, π_b fixed until the next sampling (S >= --iterations: "
+                                  "offline).")
     keep_policies: int | None = option(None, "Delete checkpoints nothing needs after each iteration, keeping v0, evaluated "
                                              "and the latest N. [default: keep all]", show_default=False)
     generate: GenerateConfig = field(default=None)  # sampling settings (version is set per iteration)
@@ -67,13 +73,15 @@ def run(config: IterateConfig) -> dict:
             if version + 1 < committed:  # done, evaluated and collected before: its checkpoints may be gone (gc)
                 advance()
                 continue
-            lo, hi = data_window(version, trn.lag, trn.window)
+            update = update_settings(config, trn, version)
+            lo, hi = data_window(version, update.lag, update.window)
             stages = {
-                "generate": lambda: generate.run(replace(gen, run=config.run, version=version)),
+                "generate": lambda: version % config.sample_every == 0 and generate.run(
+                    replace(gen, run=config.run, version=version)),
                 "verify": lambda: verify.run(verify.VerifyConfig(run=config.run, versions=tuple(range(lo, hi + 1)))),
                 "score": lambda: score.run(score.ScoreConfig(run=config.run, versions=tuple(range(lo, hi + 1)),
                                                              device=trn.device, ref=needs_ref)),
-                "train": lambda: train.run(replace(trn, run=config.run, version=version)),
+                "train": lambda: train.run(replace(update, run=config.run, version=version)),
                 "evaluate": lambda: maybe_evaluate(version + 1),
                 "gc": lambda: config.keep_policies is not None and retention.run(retention.GcConfig(
                     run=config.run, keep=config.keep_policies, lag=trn.lag, window=trn.window)),
@@ -88,7 +96,7 @@ def run(config: IterateConfig) -> dict:
             timings.append(seconds)
             advance()
     return {"run": str(config.run), "objective": trn.objective, "lag": trn.lag, "window": trn.window,
-            "sync_interval": config.sync_interval,
+            "sync_interval": config.sync_interval, "sample_every": config.sample_every,
             "versions": config.iterations, "evaluations": evals, "stage_seconds": timings,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -100,14 +108,32 @@ def stage_settings(config: IterateConfig) -> tuple[GenerateConfig, TrainConfig]:
 
     if config.iterations < 1:
         raise RollError(f"--iterations {config.iterations}: must be at least 1")
-    if config.sync_interval < 1:
-        raise RollError(f"--sync-interval {config.sync_interval}: must be at least 1")
+    for name in ("sync_interval", "sample_every"):
+        if getattr(config, name) < 1:
+            raise RollError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
+    if config.sample_every > 1 and (config.sync_interval > 1 or trn.lag > 0 or trn.window > 1):
+        raise RollError(f"--sample-every {config.sample_every} sets each update's lag (v mod S) and data slice itself; "
+                        f"drop --sync-interval, --lag and --window")
     if config.sync_interval > 1:  # S slices of P prompts (whole groups) per version, one optimiser step each
         trn = replace(trn, mini_batch=gen.prompts * gen.group_size)
         gen = replace(gen, prompts=gen.prompts * config.sync_interval)
+    if config.sample_every > 1:  # S × P prompts per sampling, one step of P × G rows per version
+        trn = replace(trn, mini_batch=gen.prompts * gen.group_size)
+        gen = replace(gen, prompts=gen.prompts * config.sample_every)
     return gen, trn
+
+
+def update_settings(config: IterateConfig, trn: TrainConfig, version: int) -> TrainConfig:
+    """Update v → v+1's own settings: under --sample-every S it reads version S·⌊v/S⌋ (lag v mod S), slice
+    v mod S of S; otherwise the loop's lag and window."""
+    from roll.store import Shard
+
+    if config.sample_every == 1:
+        return trn
+    offset = version % config.sample_every
+    return replace(trn, lag=offset, window=1, data_slice=Shard(offset, config.sample_every))
 
 
 def evaluation(config: IterateConfig, gen: GenerateConfig, version: int) -> dict:

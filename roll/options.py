@@ -65,7 +65,7 @@ class ShardType(click.ParamType):
     def convert(self, value, param, ctx):
         from roll.store import Shard
 
-        return value if isinstance(value, Shard) else Shard.parse(value)
+        return value if isinstance(value, Shard) else Shard.parse(value, param.opts[0] if param else "--shard")
 
 
 class VersionRange(click.ParamType):

@@ -86,6 +86,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("ratio_min", pa.float64()), ("ratio_mean", pa.float64()), ("ratio_max", pa.float64()),
         ("global_step", pa.int64()),  # optimiser steps taken in the whole run before this one (DESIGN §3.1a)
         ("log_ratio_mean", pa.float64()),  # mean signed sequence Δ = log π_θ − log π_b over the step's samples
+        ("log_ratio_sq_mean", pa.float64()),  # token-mean (log ρ)², M2PO's second moment of the token log-ratios
         ("lag_mean", pa.float64()),  # mean version lag of the step's samples
         ("stale_steps_mean", pa.float64()),  # mean optimiser steps since the samples' behaviour version
     ),
@@ -358,14 +359,14 @@ class Shard:
     count: int
 
     @staticmethod
-    def parse(text: str) -> "Shard":
+    def parse(text: str, flag: str = "--shard") -> "Shard":
         """Parse "i/N" (0 ≤ i < N)."""
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not match:
-            raise RollError(f"--shard '{text}': expected i/N, for example 0/4")
+            raise RollError(f"{flag} '{text}': expected i/N, for example 0/4")
         index, count = int(match.group(1)), int(match.group(2))
         if count < 1 or index >= count:
-            raise RollError(f"--shard '{text}': shard index must satisfy 0 <= i < N")
+            raise RollError(f"{flag} '{text}': the index must satisfy 0 <= i < N")
         return Shard(index, count)
 
     def __str__(self) -> str:

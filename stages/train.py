@@ -27,9 +27,9 @@ from pathlib import Path
 
 from roll import lora
 from roll.errors import RollError
-from roll.objectives import ObjectiveConfig, get_objective, uses_reference
+from roll.objectives import ObjectiveConfig, check_anchor, get_objective, uses_parent, uses_reference
 from roll.options import device_option, option
-from roll.store import Run, adapter_settings, data_window
+from roll.store import Run, Shard, adapter_settings, data_window
 from roll.window import Window
 
 
@@ -41,10 +41,14 @@ class TrainConfig(ObjectiveConfig):
     """An update's settings: the objective's own (β, β₁, s, clipping, KL weight: ObjectiveConfig, inherited, so
     the config itself is what the objective functions read) and the optimiser's, the data's and the process's."""
     run: Path  # run directory
-    objective: str = option("stable-pess", "ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.", group="training")
+    objective: str = option("stable-pess", "ppo, m2po, decoupled-ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.",
+                            group="training")
     version: int | None = option(None, "Policy version v to update. [default: the latest committed]", show_default=False)
     lag: int = option(0, "L: update v -> v+1 reads behaviour versions up to v - L.", group="training")
     window: int = option(1, "W: the number of behaviour versions read, ending at v - L.", group="training")
+    data_slice: Shard = option(help="J/S: train on the J-th of S equal parts of the window's groups (a fixed shuffle by "
+                                    "--seed), so S updates on one sampled version see disjoint prompts.",
+                               factory=lambda: Shard(0, 1), group="training")
     lr: float = option(3e-4, "AdamW learning rate (after warm-up).", group="training")
     warmup_steps: int = option(0, "Linear learning-rate warm-up over the run's first N optimiser steps (0 = none, as TRL "
                                   "and verl).", group="training")
@@ -70,7 +74,10 @@ class TrainConfig(ObjectiveConfig):
 
 
 def check_config(config: TrainConfig) -> None:
-    get_objective(config.objective)
+    check_anchor(config.objective, config)
+    if not config.m2_budget > 0 or not config.weight_cap >= 1:
+        raise RollError(f"--m2-budget {config.m2_budget:g} --weight-cap {config.weight_cap:g}: need a budget > 0 and "
+                        f"a cap >= 1")
     for name in ("beta", "beta1", "lr"):
         if not getattr(config, name) > 0:
             raise RollError(f"--{name} {getattr(config, name)}: must be > 0")
@@ -122,6 +129,7 @@ def run(config: TrainConfig) -> dict:
     from roll.distributed import Distributed
 
     check_config(config)
+    config = with_shift(config)
     run_dir = Run(config.run)
     dist = Distributed.from_env(config.fsdp)
     # rank 0 decides which update to make and whether it is already made, and every rank follows it: ranks
@@ -138,6 +146,15 @@ def run(config: TrainConfig) -> dict:
         return update(run_dir, version, config, dist)
 
 
+def with_shift(config: TrainConfig) -> TrainConfig:
+    """The config with the baseline shift the objective uses (its default unless --shift), so policy.json records
+    the number, not "default"."""
+    from dataclasses import replace
+
+    default = getattr(get_objective(config.objective).advantage, "default_shift", None)
+    return config if config.shift is not None or default is None else replace(config, shift=default)
+
+
 def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     """The update v → v+1 itself: select, per-group targets, optimise, commit (under the update's lock)."""
     import numpy as np
@@ -150,18 +167,20 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
                config.lora_alpha)
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
-    advantages, group_records = group_targets(run_dir, rows, version, config, dist)
 
     model, tokenizer = load_policy(run_dir.policy_dir(version), dist.device(config.device), to_train=True)
     # LoRA (DESIGN §3.1c): `model` becomes the base with adapters injected; `adapter` is what is committed
     model, adapter = lora.adapt(model, config.lora_rank, config.lora_alpha, config.seed, dtype)
+    # π_prox, the parent (the policy as the update starts), before any step moves it (DESIGN §2.2)
+    parent = parent_anchor(model, rows, version, config, dtype) if uses_parent(config.objective, config) else None
+    advantages, group_records = group_targets(run_dir, rows, version, config, dist, parent)
     if config.gradient_checkpointing:  # recompute each block's activations in backward: memory for time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
     optimizer, global_step, resumed = resume_optimizer(model, run_dir, version, config, dist)
     stale_base = {v: steps_since(run_dir, v, version) for v in data_versions}
     step_records, first_use = optimise(wrapped, model, optimizer, rows, advantages, config, version, new_version,
-                                       global_step, stale_base, dist, dtype)
+                                       global_step, stale_base, dist, dtype, parent)
     check_finite(step_records, model, optimizer, version, dist)
     for record in group_records:  # when each group was first used, and how far π_θ had moved from π_b by then
         members = record.pop("members")
@@ -183,6 +202,8 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
             "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
             "data_versions": data_versions, "data_window": list(data_window(version, config.lag, config.window)),
             "rows": len(rows), "optimizer_steps": len(step_records),
+            # rows whose π_prox log-probs took a forward pass of the parent (0 where the parent sampled them all)
+            "parent_forward_rows": parent.passes if parent is not None else 0,
             "global_step": global_step + len(step_records), "dtype": dtype,
             "optimizer": "fresh" if config.fresh_optimizer else (f"resumed from v{version:04d}" if resumed else "new")}
     if adapter is not None:
@@ -220,8 +241,65 @@ def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[
 
         prepare(run_dir, data_versions, ref=uses_reference(config.objective, config))
     dist.barrier()  # every rank reads the same committed verdicts and scores
-    rows = load_rows(run_dir, lo, hi)
+    rows = take_slice(load_rows(run_dir, lo, hi), config)
     return check_groups(rows, config, dist), data_versions
+
+
+def take_slice(rows: Window, config: TrainConfig) -> Window:
+    """The J-th of S parts of the window's groups (--data-slice J/S): whole groups in a shuffle fixed by the seed
+    and the window, cut into S near-equal consecutive parts, so S updates with J = 0 … S−1 partition them."""
+    import numpy as np
+
+    part = config.data_slice
+    if part.count == 1:
+        return rows
+    groups = sorted(rows.groups().items())
+    random.Random(f"{config.seed}/slice/{groups[0][0][0]}").shuffle(groups)
+    if len(groups) < part.count:
+        raise RollError(f"--data-slice {part}: the window holds only {len(groups)} groups")
+    mine = np.array_split(np.arange(len(groups)), part.count)[part.index]
+    return rows.take(sorted(i for g in mine for i in groups[g][1]))
+
+
+@dataclass
+class ParentAnchor:
+    """π_prox, the parent version, on the update's rows: its per-token log-probs and the parent anchor's sequence
+    weights min(π_prox/π_b, C), normalised to mean 1 within each group (DESIGN §2.2)."""
+
+    logprobs: list  # per row, a float32 array of log π_prox per completion token
+    weights: "np.ndarray"  # (rows,) float64
+    passes: int  # rows whose log-probs needed a forward pass (their behaviour version is not the parent)
+
+
+def parent_anchor(model, rows: Window, version: int, config: TrainConfig, dtype: str) -> ParentAnchor:
+    """log π_prox on every row: the stored trainer log-probs where the parent sampled the row (no pass: it is the
+    behaviour policy), else one no-grad forward pass of the parent in micro-batches, under training numerics."""
+    import numpy as np
+    import torch
+
+    logprobs = [None] * len(rows)
+    stale = []
+    for i in range(len(rows)):
+        if rows.scalars["policy_version"][i] == version:
+            logprobs[i] = np.asarray(rows[i]["trainer_logprobs"], dtype=np.float32)
+        else:
+            stale.append(i)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for micro in micro_batches_of(stale, rows, config.micro_batch):
+            values, mask = policy_logprobs(model, [rows[i] for i in micro], dtype)
+            for row, lp, m in zip(micro, values.float().cpu().numpy(), mask.cpu().numpy()):
+                logprobs[row] = lp[m]
+    model.train(was_training)
+    log_w = np.array([float(np.sum(logprobs[i], dtype=np.float64) - np.sum(rows[i]["trainer_logprobs"], dtype=np.float64))
+                      for i in range(len(rows))])
+    capped = np.minimum(log_w, math.log(config.weight_cap))  # truncation, in log space (e^Δ may overflow)
+    weights = np.ones(len(rows))
+    for members in rows.groups().values():
+        w = np.exp(capped[members] - capped[members].max())
+        weights[members] = w * len(members) / w.sum()
+    return ParentAnchor(logprobs, weights, len(stale))
 
 
 def check_groups(rows: Window, config: TrainConfig, dist) -> Window:
@@ -249,9 +327,11 @@ def check_groups(rows: Window, config: TrainConfig, dist) -> Window:
     return rows.take(np.flatnonzero(keep))
 
 
-def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig, dist) -> tuple:
+def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig, dist, parent=None) -> tuple:
     """Per group (one prompt's samples from one behaviour version): the objective's advantages and the
-    Lambert analysis of the target they induce at β (DESIGN §2.1). Returns (advantages per row, records)."""
+    Lambert analysis of the target they induce at β (DESIGN §2.1), relative to the objective's anchor: with
+    --anchor parent, over the group's samples weighted by their π_prox/π_b (the parent's measure). Returns
+    (advantages per row, records)."""
     import torch
 
     from roll import lambert
@@ -267,9 +347,11 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
     records = []
     for (data_version, prompt_id), members in rows.groups().items():
         rewards = torch.tensor([rows.scalars["reward"][i] for i in members], dtype=torch.float64)
-        adv = objective.advantage(rewards, config, ref_values.get(prompt_id))
+        weights = parent.weights[members] if parent is not None and objective.regression else None
+        adv = objective.advantage(rewards, config, ref_values.get(prompt_id),
+                                  None if weights is None else torch.as_tensor(weights))
         advantages[members] = adv
-        target = lambert.solve(adv.numpy(), config.beta) if objective.regression else None
+        target = lambert.solve(adv.numpy(), config.beta, weights) if objective.regression else None
         records.append({
             "policy_version": version + 1, "data_version": data_version, "lag": version - data_version,
             "prompt_id": prompt_id, "objective": config.objective, "beta": config.beta,
@@ -403,7 +485,7 @@ def row_temperatures(batch_rows) -> float | list[float]:
 
 def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainConfig, version: int,
              new_version: int, global_step: int, stale_base: dict[int, int], dist,
-             dtype: str = "float32") -> tuple[list[dict], dict]:
+             dtype: str = "float32", parent: ParentAnchor | None = None) -> tuple[list[dict], dict]:
     """epochs × mini-batches of optimiser steps. Returns one metrics record per step (reduced over ranks) and,
     per row, (the step that first used it, its signed sequence log-ratio Δ then).
 
@@ -434,13 +516,14 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
             mini_tokens = sum(rows.length("token_ids", i) for i in mini)  # global: every rank knows all rows
             micro_batches = micro_batches_of(mini[dist.rank::dist.world], rows, config.micro_batch)
             optimizer.zero_grad(set_to_none=True)
-            totals = torch.zeros(6, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens
+            totals = torch.zeros(7, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens, (log ρ)² sum
             extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios
             deltas = []  # (row, signed sequence log-ratio Δ)
             for index, micro in enumerate(micro_batches):
                 with dist.sync_if(index == len(micro_batches) - 1, wrapped):
                     micro_totals, micro_extremes, micro_deltas = accumulate(
-                        wrapped, rows, micro, advantages, config, dtype, share_of=(mini, mini_tokens), world=dist.world)
+                        wrapped, rows, micro, advantages, config, dtype, share_of=(mini, mini_tokens), world=dist.world,
+                        parent=parent)
                 totals += micro_totals
                 extremes = torch.minimum(extremes, micro_extremes)
                 deltas += micro_deltas
@@ -463,10 +546,11 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
 
 
 def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: TrainConfig, dtype: str,
-               share_of: tuple[list[int], int], world: int):
+               share_of: tuple[list[int], int], world: int, parent: ParentAnchor | None = None):
     """Forward and backward of one micro-batch, its loss weighted by its share of the mini-batch (of tokens or
     of sequences, as the objective reduces) and by the world size. Returns its diagnostics: (loss share,
-    entropy, k3 KL, clipped tokens, ratio sum, tokens), (−max ratio, min ratio), [(row, Δ)]."""
+    entropy, k3 KL, clipped or masked tokens, ratio sum, tokens, (log ρ)² sum), (−max ratio, min ratio),
+    [(row, Δ)]."""
     import torch
 
     from roll.objectives import Batch
@@ -478,6 +562,9 @@ def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: Trai
     batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
                   ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
                   advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
+    if parent is not None:
+        batch.parent_logprobs = padded([parent.logprobs[i] for i in micro], mask)
+        batch.sequence_weights = torch.as_tensor(parent.weights[micro], device=mask.device, dtype=logprobs.dtype)
     loss, metrics = objective.loss(batch, config)
     tokens = int(mask.sum())
     share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
@@ -486,7 +573,8 @@ def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: Trai
         log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
         ratio = log_ratio.exp()
         totals = torch.tensor([loss.item() * share, float(entropy[mask].sum()), float((ratio - 1 - log_ratio).sum()),
-                               metrics["clip_fraction"] * tokens, float(ratio.sum()), tokens], dtype=torch.float64)
+                               metrics["clip_fraction"] * tokens, float(ratio.sum()), tokens,
+                               float((log_ratio ** 2).sum())], dtype=torch.float64)
         extremes = torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64)
         deltas = list(zip(micro, ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()))
     return totals, extremes, deltas
@@ -511,6 +599,7 @@ def step_record(rows: Window, mini: list[int], mini_tokens: int, totals, extreme
         "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
         "ratio_max": -float(extremes[0]), "global_step": global_step,
         "log_ratio_mean": float(log_weights.mean()),
+        "log_ratio_sq_mean": float(totals[6]) / mini_tokens,
         "lag_mean": float(np.mean([version - behaviour_versions[i] for i in mini])),
         "stale_steps_mean": float(np.mean([stale_base[behaviour_versions[i]] for i in mini])) + step,
     }

@@ -1,6 +1,7 @@
 """iterate and report: resuming after SIGKILL inside a stage, and real PNG plots from SQL over runs."""
 from __future__ import annotations
 
+import json
 import random
 import signal
 import struct
@@ -81,6 +82,29 @@ def test_report_writes_real_images_and_a_summary(tmp_path, tiny_model_dir):
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| ppo | ppo |" in summary and "| stable-pess | stable-pess |" in summary
     assert summary.count("![") == 3
+
+
+def test_sample_every_commits_a_version_per_step_on_disjoint_slices_of_one_sampling(tmp_path, tiny_model_dir):
+    """--sample-every S (the sync interval with a version per step; S ≥ iterations is offline): with S = 3 and
+    P = 2, version 0 alone samples 3 × 2 prompts, and updates 0→1, 1→2, 2→3 each take one step on 2 of them, the
+    three slices disjoint and together the whole sampling, at lags 0, 1, 2."""
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--model", tiny_model_dir)
+    roll_cli("iterate", "--run", run, "--iterations", 3, "--sample-every", 3, "--prompts", 2, "--group-size", 4,
+             "--max-new-tokens", 12, "--eval-every", 0, "--objective", "decoupled-ppo")
+    r = Run(run)
+    assert r.policy_versions() == [0, 1, 2, 3]
+    assert query(r, "select policy_version, count(*), count(distinct prompt_id) from rollouts group by 1").fetchall() == [
+        (0, 24, 6)]
+    assert query(r, "select policy_version, step, lag_mean from steps order by 1").fetchall() == [
+        (1, 0, 0.0), (2, 0, 1.0), (3, 0, 2.0)]
+    slices = [{p for (p,) in query(r, f"select prompt_id from groups where policy_version = {v}").fetchall()}
+              for v in (1, 2, 3)]
+    assert [len(s) for s in slices] == [2, 2, 2] and len(slices[0] | slices[1] | slices[2]) == 6
+    metas = [json.loads((r.policy_dir(v) / "policy.json").read_text()) for v in (1, 2, 3)]
+    assert [m["parent_forward_rows"] for m in metas] == [0, 8, 8]  # v0 sampled update 0's rows; later parents did not
+    refused = roll_cli("iterate", "--run", run, "--sample-every", 3, "--lag", 1, check=False)
+    assert refused.returncode == 2 and "drop --sync-interval, --lag and --window" in refused.stderr
 
 
 def test_a_sync_interval_samples_once_per_version_and_takes_that_many_steps(tmp_path, tiny_model_dir):

@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from roll.objectives import OBJECTIVES
@@ -80,6 +81,40 @@ def test_lag_selects_stale_versions_and_records_lag_and_optimiser_steps(run_dir)
     assert stale[:4] == [(1, 0, 0.0, 0.0), (1, 1, 0.0, 1.0), (2, 0, 1.0, 2.0), (2, 1, 1.0, 3.0)]
 
 
+def test_at_lag_0_decoupled_ppo_and_m2po_update_as_ppo_and_the_parent_anchor_as_the_behaviour_anchor(run_dir, tmp_path):
+    """Issue 20's two equalities (and m2po's), through `train` itself: one update v0 → v1 of one optimiser step on
+    v0's own rows. π_prox is then π_b, taken from the stored trainer log-probs with no forward pass, so the
+    weights come out equal bit for bit."""
+    fixed_data_run(run_dir, prompts=SMALL["prompts"], group_size=SMALL["group_size"],
+                   max_new_tokens=SMALL["max_new_tokens"])
+    one_step = dict(mini_batch=24, micro_batch=12)
+    weights, metas = {}, {}
+    for name, options in (("ppo", {}), ("decoupled-ppo", {}), ("m2po", {}), ("stable-pess", {}),
+                          ("stable-pess-parent", {"anchor": "parent"})):
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        train(TrainConfig(run=copy, objective=name.removesuffix("-parent"), **options, **one_step))
+        weights[name] = load_file(Run(copy).policy_dir(1) / "model.safetensors")
+        metas[name] = json.loads((Run(copy).policy_dir(1) / "policy.json").read_text())
+    for a, b in (("ppo", "decoupled-ppo"), ("ppo", "m2po"), ("stable-pess", "stable-pess-parent")):
+        assert weights[a].keys() == weights[b].keys()
+        assert all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
+    assert metas["decoupled-ppo"]["parent_forward_rows"] == metas["stable-pess-parent"]["parent_forward_rows"] == 0
+    assert weights["ppo"].keys() and not all(torch.equal(weights["ppo"][k], weights["stable-pess"][k])
+                                             for k in weights["ppo"])  # the comparison can tell objectives apart
+
+
+def test_stale_rows_get_the_parents_log_probs_and_weights_that_keep_stable_pess_pessimistic(run_dir):
+    """Update 1 → 2 at lag 1 reads v0's rows with the parent v1: every row takes the parent's forward pass, and
+    stable-pess's groups, analysed under the parent's measure with the weighted mean baseline, keep k ≥ s."""
+    generate(GenerateConfig(run=run_dir, **SMALL))
+    train(TrainConfig(run=run_dir, objective="ppo", **FAST))
+    train(TrainConfig(run=run_dir, objective="stable-pess", anchor="parent", lag=1, **FAST))
+    meta = json.loads((Run(run_dir).policy_dir(2) / "policy.json").read_text())
+    assert meta["parent_forward_rows"] == meta["rows"] == 24 and meta["hyperparameters"]["anchor"] == "parent"
+    assert query(Run(run_dir), "select count(*), min(k) >= 1.0 from groups where policy_version = 2").fetchall() == [(6, True)]
+
+
 def test_apo_generates_missing_version0_samples_once(run_dir):
     generate(GenerateConfig(run=run_dir, **SMALL))
     train(TrainConfig(run=run_dir, objective="pmd-mean", **FAST))
@@ -104,6 +139,12 @@ def test_bad_input_gives_one_clear_line(run_dir, tmp_path):
     assert "--beta -1.0: must be > 0" in error("train", "--run", run_dir, "--beta", "-1")
     assert "holds no rollouts" in error("train", "--run", run_dir)  # nothing generated yet
     assert "policy version 7 does not exist" in error("train", "--run", run_dir, "--version", "7")
+    assert "ppo is not a regression objective" in error("train", "--run", run_dir, "--objective", "ppo", "--anchor",
+                                                          "parent")
+    assert "--shift 2: ppo has no regression baseline" in error("train", "--run", run_dir, "--objective", "ppo",
+                                                                 "--shift", "2")
+    assert "need a budget > 0" in error("train", "--run", run_dir, "--objective", "m2po", "--m2-budget", "0")
+    assert "--data-slice '3/3': the index must satisfy" in error("train", "--run", run_dir, "--data-slice", "3/3")
     assert not Run(run_dir).policy_dir(1).exists()
 
 
