@@ -22,7 +22,7 @@ from pathlib import Path
 
 from roll.store import Run, relation_arrow
 
-CELL = re.compile(r"^(?P<objective>[a-z-]+?)-(?P<staleness>(lag|sync)\d+(-fresh)?)-seed(?P<seed>\d+)$")
+CELL = re.compile(r"^(?P<objective>[a-z0-9-]+?)-(?P<staleness>(lag|sync|offline)\d+(-fresh)?)-seed(?P<seed>\d+)$")
 # two-sided 95 % Student t quantiles by degrees of freedom (seeds − 1)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 OBJECTIVE_ORDER = ("ppo", "pg", "oapl", "pmd-mean", "stable-pess")
@@ -38,7 +38,8 @@ EVALS = """
     SELECT p.policy_version,
            (SELECT coalesce(sum(n), 0) FROM steps_per_version s WHERE s.policy_version <= p.policy_version) AS optimizer_steps,
            (SELECT coalesce(sum(n), 0) FROM rollouts_per_version r WHERE r.policy_version < p.policy_version) AS completions,
-           avg(pass1) AS pass1, avg(pass_k) AS pass_k, max(k) AS k, count(*) AS prompts
+           avg(pass1) AS pass1, avg(pass_k) AS pass_k, max(k) AS k, count(*) AS prompts,
+           stddev_samp(pass1) / sqrt(count(*)) AS pass1_se  -- one evaluation's standard error over prompts
     FROM per_prompt p GROUP BY 1 ORDER BY 1"""
 
 
@@ -167,8 +168,10 @@ def plot(runs, evals, steps, groups, out: Path) -> None:
     plot_regimes(cells, groups.to_pylist() if groups is not None else [], out / "regimes.png")
 
 
-def band(ax, key: tuple[str, str], names: list[str], rows, x: str, y: str, scale: float = 1.0) -> None:
-    """The mean over a cell's seeds (runs `names`) of `y` against `x`, shaded ± one std when seeds > 1."""
+def band(ax, key: tuple[str, str], names: list[str], rows, x: str, y: str, scale: float = 1.0,
+         colours: dict[str, str] = COLOURS) -> None:
+    """The mean over a cell's seeds (runs `names`) of `y` against `x`, shaded ± one std when seeds > 1; the line's
+    colour is its objective's in `colours`, its style its staleness's."""
     import numpy as np
 
     series = [[r for r in rows if r["cell"] == c] for c in names]
@@ -176,11 +179,11 @@ def band(ax, key: tuple[str, str], names: list[str], rows, x: str, y: str, scale
     xs = np.array([r[x] for r in series[0][:length]], float)
     ys = np.array([[scale * r[y] for r in s[:length]] for s in series], float)
     mean = ys.mean(0)
-    ax.plot(xs, mean, color=COLOURS.get(key[0], "k"), linestyle=LINESTYLES.get(key[1], "-"),
+    ax.plot(xs, mean, color=colours.get(key[0], "k"), linestyle=LINESTYLES.get(key[1], "-"),
             label=f"{key[0]} {key[1]} (n={len(names)})", marker="o" if x != "global_step" else None, markersize=3)
     if len(names) > 1:
         std = ys.std(0, ddof=1)
-        ax.fill_between(xs, mean - std, mean + std, color=COLOURS.get(key[0], "k"), alpha=0.12, linewidth=0)
+        ax.fill_between(xs, mean - std, mean + std, color=colours.get(key[0], "k"), alpha=0.12, linewidth=0)
 
 
 def save_with_legend(fig, axes, path: Path) -> None:

@@ -1,11 +1,13 @@
 """report: PNG plots and a markdown summary over one or several runs, every number from SQL on their tables.
 
     pass1.png        held-out pass@1 against optimiser steps and against completions generated
-    training.png     token entropy, KL(π_b‖π_θ), clip fraction, ESS and the signed log-ratio Δ per optimiser step
+    training.png     token entropy, KL(π_b‖π_θ), clipped or masked share, ESS, the signed log-ratio Δ and the
+                     second moment of the token log-ratios per optimiser step
     regimes.png      share of groups in each Lambert regime, and median k, by lag
     ope.png          per version: the LS lower bound and SNIPS from stale data (roll ope) against the version's
                      own on-policy train reward and its held-out pass@1 (only for runs with ope summaries)
-    summary.md       one row per run: objective, lag, final pass@1, entropy at the end, regime shares
+    summary.md       one row per run: objective, lag, final pass@1, whether it collapsed, entropy at the end,
+                     regime shares
 
 Runs are labelled by their directory name; several runs share each figure so they compare directly.
 """
@@ -21,12 +23,15 @@ from roll.store import Run, rows
 
 QUERIES = {
     # the optimiser steps behind version v: every step of the updates that produced versions 1…v
-    "pass1": """SELECT policy_version, avg(correct::DOUBLE) AS pass1,
+    # pass1_se: one evaluation's standard error, over prompts of the per-prompt pass rate
+    "pass1": """WITH per_prompt AS (SELECT policy_version, prompt_id, avg(correct::DOUBLE) AS pass1
+                                    FROM evals GROUP BY 1, 2)
+                SELECT policy_version, avg(pass1) AS pass1, stddev_samp(pass1) / sqrt(count(*)) AS pass1_se,
                        (SELECT count(*) FROM steps s WHERE s.policy_version <= e.policy_version) AS optimizer_steps
-                FROM evals e GROUP BY 1 ORDER BY 1""",
+                FROM per_prompt e GROUP BY 1 ORDER BY 1""",
     "samples": """SELECT policy_version, count(*) AS samples FROM rollouts GROUP BY 1 ORDER BY 1""",
-    "training": """SELECT global_step, entropy, kl_behaviour AS kl, clip_fraction AS clip, ess, log_ratio_mean,
-                          objective FROM steps ORDER BY global_step""",
+    # every column: runs made before a diagnostic existed lack it (their panel is left empty)
+    "training": """SELECT * FROM steps ORDER BY global_step""",
     "regimes": """SELECT lag, regime, count(*) AS groups FROM groups GROUP BY 1, 2 ORDER BY 1, 2""",
     "median_k": """SELECT lag, median(k) AS median_k FROM groups WHERE NOT isnan(k) GROUP BY 1 ORDER BY 1""",
     # one summary per (target, data version): roll ope's default settings (δ 0.05, λ auto) where they were run,
@@ -50,6 +55,14 @@ class ReportConfig:
     runs: tuple[Path, ...] = option((), "Run directory to include (repeatable). [default: $ROLL_RUN, else ./runs/default]",
                                     flag="--run", repeatable=True, show_default=False)
     out: Path = option(Path("report"), "Directory for the PNGs and summary.md.")
+
+
+def collapsed(evaluations: list[dict]) -> bool:
+    """A run collapsed when its final held-out pass@1 is below its first by more than two standard errors of
+    one evaluation (the first's: pass1_se over prompts). Needs two evaluations."""
+    if len(evaluations) < 2:
+        return False
+    return evaluations[-1]["pass1"] < evaluations[0]["pass1"] - 2 * evaluations[0]["pass1_se"]
 
 
 def collect(run: Run) -> dict:
@@ -106,16 +119,17 @@ def plot_pass1(plt, data: dict, path: Path) -> None:
 
 
 def plot_training(plt, data: dict, path: Path) -> None:
-    """Entropy, KL(π_b‖π_θ), clip fraction, ESS and the signed log-ratio Δ per optimiser step."""
+    """Entropy, KL(π_b‖π_θ), clipped or masked share, ESS, the signed log-ratio Δ and the second moment of the
+    token log-ratios per optimiser step."""
     fig, axes = plt.subplots(2, 3, figsize=(17, 8))
-    panels = (("entropy", "token entropy of π_θ (nats)"), ("kl", "KL(π_b‖π_θ) per token (k3, nats)"),
-              ("clip", "clip fraction (share of tokens)"), ("ess", "ESS of sequence weights e^Δ (share)"),
-              ("log_ratio_mean", "mean signed Δ = log π_θ − log π_b (nats)"))
-    axes.flat[-1].axis("off")
+    panels = (("entropy", "token entropy of π_θ (nats)"), ("kl_behaviour", "KL(π_b‖π_θ) per token (k3, nats)"),
+              ("clip_fraction", "clipped or masked share of tokens"), ("ess", "ESS of sequence weights e^Δ (share)"),
+              ("log_ratio_mean", "mean signed Δ = log π_θ − log π_b (nats)"),
+              ("log_ratio_sq_mean", "token-mean (log ρ)² (M2PO's second moment)"))
     for ax, (key, ylabel) in zip(axes.flat, panels):
         for label, d in data.items():
-            ax.plot([row["global_step"] for row in d["training"]], [row[key] for row in d["training"]],
-                    marker=".", label=label)
+            ax.plot([row["global_step"] for row in d["training"]],
+                    [row.get(key, math.nan) for row in d["training"]], marker=".", label=label)
         ax.set(xlabel="optimiser step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -159,8 +173,8 @@ def plot_regimes(plt, data: dict, path: Path) -> None:
 
 def write_summary(data: dict, out: Path) -> dict:
     """summary.md: one row per run (objective, lag, pass@1 first and final, entropy, regime shares), the figures."""
-    lines = ["# roll report", "", "| run | objective | max lag | updates | first pass@1 | final pass@1 | final entropy | "
-             "pessimistic | boundary | optimistic |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["# roll report", "", "| run | objective | max lag | updates | first pass@1 | final pass@1 | collapsed | "
+             "final entropy | pessimistic | boundary | optimistic |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     summary = {}
     for label, d in data.items():
         meta = d["meta"][0] if d["meta"] else {}
@@ -170,9 +184,12 @@ def write_summary(data: dict, out: Path) -> dict:
         first = d["pass1"][0]["pass1"] if d["pass1"] else math.nan
         final = d["pass1"][-1]["pass1"] if d["pass1"] else math.nan
         entropy = d["training"][-1]["entropy"] if d["training"] else math.nan
-        summary[label] = {"objective": meta.get("objective"), "final_pass1": final, "final_entropy": entropy, **share}
+        fell = collapsed(d["pass1"])
+        summary[label] = {"objective": meta.get("objective"), "final_pass1": final, "collapsed": fell,
+                          "final_entropy": entropy, **share}
         lines.append(f"| {label} | {meta.get('objective')} | {meta.get('max_lag')} | {meta.get('updates')} | "
-                     f"{100 * first:.1f}% | {100 * final:.1f}% | {entropy:.3f} | {100 * share['pessimistic']:.0f}% | "
+                     f"{100 * first:.1f}% | {100 * final:.1f}% | {'yes' if fell else 'no'} | {entropy:.3f} | "
+                     f"{100 * share['pessimistic']:.0f}% | "
                      f"{100 * share['boundary']:.0f}% | {100 * share['optimistic']:.0f}% |")
     lines += ["", "![pass@1](pass1.png)", "", "![training](training.png)", "", "![regimes](regimes.png)", ""]
     if (out / "ope.png").exists():

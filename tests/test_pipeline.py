@@ -137,3 +137,12 @@ def test_a_sync_interval_samples_once_per_version_and_takes_that_many_steps(tmp_
             assert tokens_of_step[(version, step)] == tokens
     refused = roll_cli("iterate", "--run", run, "--sync-interval", 0, check=False)
     assert refused.returncode == 2 and refused.stderr.strip() == "roll: error: --sync-interval 0: must be at least 1"
+
+
+def test_a_run_has_collapsed_when_its_final_pass1_falls_more_than_two_standard_errors_below_its_first():
+    from roll.pipeline.report import collapsed
+
+    first = {"pass1": 0.30, "pass1_se": 0.02}  # the bar: 0.30 − 2 × 0.02 = 0.26
+    assert collapsed([first, {"pass1": 0.40}, {"pass1": 0.2599}])
+    assert not collapsed([first, {"pass1": 0.10}, {"pass1": 0.2601}])  # judged on the final evaluation
+    assert not collapsed([first])

@@ -1,0 +1,186 @@
+"""The tables and plots of EXPERIMENTS.md's staleness frontier (issue 20), from the runs of
+`python -m roll.pipeline.grid runs/frontier --grid frontier`.
+
+    python -m roll.pipeline.frontier runs/frontier --out docs/frontier
+
+Reads every finished cell (variant-staleness-seedN with iterate.json) through the same SQL as the first grid
+(pipeline/experiment.py) and writes into --out:
+
+    evals.csv         per cell and evaluated version: optimiser steps, pass@1 and its standard error, pass@k
+    steps.csv         every optimiser step of every cell (the steps table, with the cell)
+    regimes.csv       per cell and version: groups per Lambert regime, mean k, mean signed Δ
+    summary.md        mean ± std over seeds per cell, collapse flags, diagnostics, paired 95 % intervals
+    pass1.png         held-out pass@1 against optimiser steps, one panel per staleness kind
+    diagnostics.png   ESS share, (log ρ)², masked or clipped share, Δ, KL(π_b‖π_θ), entropy per step
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+from roll.pipeline.experiment import band, collect, interval, mean_std
+from roll.pipeline.report import collapsed
+
+VARIANTS = ("ppo", "decoupled-ppo", "m2po", "pmd-mean", "stable-pess", "stable-pess-parent", "oapl", "oapl-shift")
+STALENESS = ("lag0", "lag32", "sync32", "offline96")
+# lag 0 has one cell for variants equal there by construction (tests): their lag-0 stand-in
+AT_LAG0 = {"decoupled-ppo": "ppo", "m2po": "ppo", "stable-pess-parent": "stable-pess"}
+PAIRS = (("stable-pess", "ppo"), ("stable-pess", "m2po"), ("stable-pess-parent", "stable-pess"),
+         ("oapl-shift", "oapl"), ("decoupled-ppo", "ppo"), ("m2po", "ppo"))
+DIAGNOSTICS = (("ess", "ESS share of e^Δ"), ("log_ratio_sq_mean", "token-mean (log ρ)²"),
+               ("clip_fraction", "masked or clipped token share"), ("log_ratio_mean", "mean signed Δ per sequence"),
+               ("kl_behaviour", "KL(π_b‖π_θ) per token (k3)"), ("entropy", "token entropy of π_θ (nats)"))
+
+
+def finals(runs, by_run) -> dict[tuple[str, str], dict[int, float]]:
+    """Final pass@1 (points) per (variant, staleness) and seed; lag 0 of a variant equal to another there is
+    the other's cell."""
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for run in runs:
+        out.setdefault((run["objective"], run["staleness"]), {})[run["seed"]] = 100 * by_run[run["cell"]][-1]["pass1"]
+    for variant, same in AT_LAG0.items():
+        if (same, "lag0") in out:
+            out.setdefault((variant, "lag0"), out[(same, "lag0")])
+    return out
+
+
+def summarise(runs, evals, steps) -> str:
+    by_run: dict[str, list[dict]] = {}
+    for row in evals:
+        by_run.setdefault(row["cell"], []).append(row)
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        cells.setdefault((run["objective"], run["staleness"]), []).append(run)
+    steps_of: dict[str, list[dict]] = {}
+    for s in steps:
+        steps_of.setdefault(s["cell"], []).append(s)
+    fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if not math.isnan(ms[1]) else f"{ms[0]:.1f}"
+    lines = ["| variant | staleness | seeds | pass@1 step 0 | 32 | 64 | 96 | collapsed | ESS share | (log ρ)² | "
+             "masked/clipped | Δ mean | KL(π_b‖π_θ) | entropy |", "|---|---|---|" + "---:|" * 11]
+    for key in sorted(cells, key=lambda k: (STALENESS.index(k[1]), VARIANTS.index(k[0]))):
+        members = sorted(cells[key], key=lambda r: r["seed"])
+        evaluations = [by_run[r["cell"]] for r in members]
+        points = [fmt(mean_std([100 * e[j]["pass1"] for e in evaluations])) if all(len(e) > j for e in evaluations)
+                  else "–" for j in range(4)]
+        # diagnostics: means over the last third of each cell's steps, then over seeds
+        tail = [s for r in members for s in steps_of[r["cell"]][len(steps_of[r["cell"]]) * 2 // 3:]]
+        diag = [sum(s[name] for s in tail) / len(tail) for name, _ in DIAGNOSTICS]
+        lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in members)} | {' | '.join(points[:3])} | "
+                     f"**{points[3]}** | {sum(collapsed(e) for e in evaluations)}/{len(members)} | {diag[0]:.3f} | "
+                     f"{diag[1]:.4f} | {diag[2]:.3f} | {diag[3]:+.3f} | {diag[4]:.4f} | {diag[5]:.3f} |")
+    final = finals(runs, by_run)
+    lines += ["", "Paired differences of final held-out pass@1 (points), mean [95 % t-interval over the seeds both "
+              "cells ran]; at lag 0, decoupled-ppo and m2po are ppo's cell and stable-pess-parent stable-pess's:", "",
+              "| staleness | " + " | ".join(f"{a} − {b}" for a, b in PAIRS) + " |", "|---|" + "---:|" * len(PAIRS)]
+    for staleness in STALENESS:
+        row = []
+        for a, b in PAIRS:
+            if staleness == "lag0" and AT_LAG0.get(a, a) == AT_LAG0.get(b, b):
+                row.append("0 (the same cell)")
+                continue
+            x, y = final.get((a, staleness), {}), final.get((b, staleness), {})
+            seeds = sorted(set(x) & set(y))
+            row.append(f"{interval([x[s] - y[s] for s in seeds])} (n={len(seeds)})" if seeds else "–")
+        lines.append(f"| {staleness} | {' | '.join(row)} |")
+    lines += ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
+              "| variant | " + " | ".join(STALENESS[1:]) + " |", "|---|" + "---:|" * 3]
+    for variant in VARIANTS:
+        row = []
+        for staleness in STALENESS[1:]:
+            x, y = final.get((variant, "lag0"), {}), final.get((variant, staleness), {})
+            seeds = sorted(set(x) & set(y))
+            row.append(interval([x[s] - y[s] for s in seeds]) if seeds else "–")
+        lines.append(f"| {variant} | {' | '.join(row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def regime_rows(groups) -> list[dict]:
+    """Per cell and policy version: groups per Lambert regime, mean k (finite ones) and mean signed Δ."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("g", groups)
+    query = """SELECT cell, objective AS variant, staleness, seed, policy_version,
+                      count(*) FILTER (WHERE regime = 'pessimistic') AS pessimistic,
+                      count(*) FILTER (WHERE regime = 'boundary') AS boundary,
+                      count(*) FILTER (WHERE regime LIKE 'optimistic%') AS optimistic,
+                      avg(k) FILTER (WHERE isfinite(k)) AS k_mean, avg(log_ratio_mean) AS delta_mean
+               FROM g GROUP BY ALL ORDER BY cell, policy_version"""
+    cursor = con.execute(query)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def save(fig, axes, path: Path) -> None:
+    """One legend of the variants drawn in any panel (a panel per staleness kind holds only some), on the right."""
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            shown.setdefault(label.split()[0], handle)
+    order = [v for v in VARIANTS if v in shown]
+    fig.legend([shown[v] for v in order], order, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9,
+               frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot(runs, evals, steps, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {v: f"C{i}" for i, v in enumerate(VARIANTS)}
+    cells: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        cells.setdefault((run["objective"], run["staleness"]), []).append(run["cell"])
+    fig, axes = plt.subplots(1, len(STALENESS), figsize=(22, 5.5), sharey=True)
+    for ax, staleness in zip(axes, STALENESS):
+        for key, names in sorted(cells.items(), key=lambda kv: VARIANTS.index(kv[0][0])):
+            if key[1] == staleness:
+                band(ax, key, names, evals, "optimizer_steps", "pass1", 100, colours)
+        ax.set(title=staleness, xlabel="optimiser steps", ylabel="held-out pass@1 (%), mean ± std over seeds")
+    save(fig, list(axes), out / "pass1.png")
+    fig, axes = plt.subplots(len(DIAGNOSTICS), len(STALENESS), figsize=(22, 4 * len(DIAGNOSTICS)), sharex=True)
+    for j, staleness in enumerate(STALENESS):
+        for key, names in sorted(cells.items(), key=lambda kv: VARIANTS.index(kv[0][0])):
+            if key[1] == staleness:
+                for i, (column, _) in enumerate(DIAGNOSTICS):
+                    band(axes[i][j], key, names, steps, "global_step", column, colours=colours)
+        axes[0][j].set_title(staleness)
+    for i, (_, label) in enumerate(DIAGNOSTICS):
+        axes[i][0].set_ylabel(label)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimiser step")
+    save(fig, [ax for row in axes for ax in row], out / "diagnostics.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("docs/frontier"))
+    args = parser.parse_args(argv)
+    runs, evals, steps, groups = collect(args.grid)
+    if not runs:
+        raise SystemExit(f"{args.grid}: no finished cells (directories named variant-staleness-seedN with iterate.json)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("evals.csv", evals), ("steps.csv", steps), ("regimes.csv", regime_rows(groups))):
+        with open(args.out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = summarise(runs, evals, steps)
+    (args.out / "summary.md").write_text(f"Cells that ran ({len(runs)}): {', '.join(r['cell'] for r in runs)}\n\n"
+                                         + summary)
+    plot(runs, evals, steps, args.out)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
