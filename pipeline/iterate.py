@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from roll.options import option
-from roll.stages.generate import GenerateConfig
+from roll.stages.generate import GenerateConfig, check_config
 from roll.stages.train import TrainConfig
 
 
@@ -113,6 +113,7 @@ def stage_settings(config: IterateConfig) -> tuple[GenerateConfig, TrainConfig]:
             raise RollError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
+    check_config(gen)  # generate's settings, and that --backend vllm finds vLLM, before v0 is evaluated
     if config.sample_every > 1 and (config.sync_interval > 1 or trn.lag > 0 or trn.window > 1):
         raise RollError(f"--sample-every {config.sample_every} sets each update's lag (v mod S) and data slice itself; "
                         f"drop --sync-interval, --lag and --window")

@@ -64,6 +64,48 @@ def check_model_path(model: str | Path) -> None:
         raise RollError(f"model path {model} does not exist")
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """What `roll init` asks of a local checkpoint directory before it creates a run (DESIGN §6): weights that
+    transformers can load and a tokenizer that encodes text, each refusal one line naming the directory and what
+    is missing. Checked before the weights are read; a hub id is left to transformers' own loading."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    check_model_path(path)
+    directory = Path(path)
+    if not directory.is_dir():
+        return
+    # the files AutoModelForCausalLM.from_pretrained looks for in a directory, in its order
+    names = [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
+    try:
+        explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None  # transformers' AutoConfig says what is wrong with config.json when the model loads
+    if not any((directory / name).is_file() for name in names + ([explicit] if isinstance(explicit, str) else [])):
+        raise RollError(f"model {directory}: no weights (no {', '.join(names[:-1])} or {names[-1]})")
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, there is no tokenizer to use
+        reason = " ".join(str(exc).split())
+        raise RollError(f"model {directory}: no tokenizer transformers can load (tokenizer.json, tokenizer_config.json "
+                        f"or a vocabulary file): {reason[:200]}{'…' if len(reason) > 200 else ''}") from None
+    check_tokenizer(directory, tokenizer)
+
+
+TOKENIZER_PROBE = "Solve: 12 + 7 = ? The answer is 19."
+
+
+def check_tokenizer(path: str | Path, tokenizer) -> None:
+    """Refuse a tokenizer that encodes text to nothing: what transformers builds for a Qwen2 or GPT-2 directory
+    without tokenizer files (an empty vocabulary), under which every prompt would be empty."""
+    if not tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]:
+        raise RollError(f"model {path}: no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file "
+                        f"such as vocab.json or tokenizer.model): transformers builds an empty "
+                        f"{type(tokenizer).__name__} that encodes every prompt to nothing")
+
+
 # Policies kept in memory by `keep_loaded` (roll iterate runs every stage in one process): checkpoint
 # directory → (model, tokenizer). None when not keeping; stages then read checkpoints from disk as usual.
 _LOADED: dict | None = None
@@ -282,17 +324,28 @@ def load_optimizer_state(directory: Path) -> dict | None:
 def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[list[int]]:
     """Token ids of each prompt. A prompt already wrapped in the model's chat template carries its own special
     tokens (metadata "chat_template": true), so the tokenizer must not add a second BOS to it."""
-    out = []
-    for text, meta in zip(prompts, metadata):
-        templated = bool(json.loads(meta or "{}").get("chat_template")) if meta else False
-        out.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    templated = [bool(json.loads(meta or "{}").get("chat_template")) if meta else False for meta in metadata]
+    out: list[list[int]] = [[] for _ in prompts]
+    for flag in (False, True):  # one batched call per kind (a fast tokenizer encodes a batch in parallel)
+        where = [i for i, t in enumerate(templated) if t == flag]
+        if where:
+            for i, ids in zip(where, tokenizer([prompts[i] for i in where], add_special_tokens=not flag)["input_ids"]):
+                out[i] = ids
     return out
+
+
+def context_limit(config) -> tuple[int | None, str]:
+    """The model's context in tokens and the config.json field that gives it (None when it says none)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name)), name
+    return None, ""
 
 
 def check_context(config, prompt_tokens: list[list[int]], prompt_ids: list[str], max_new_tokens: int) -> None:
     """Refuse prompts that with `max_new_tokens` would run past the model's context (an index error inside
     the position embeddings otherwise)."""
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit, _ = context_limit(config)
     if not limit:
         return
     longest = max(range(len(prompt_tokens)), key=lambda i: len(prompt_tokens[i]), default=None)

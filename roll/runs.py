@@ -31,6 +31,9 @@ class InitConfig:
     seed: int = option(0, "Seed of the built-in task's train/test generator.")
     dtype: str = option("auto", "Weights' dtype, kept by every commit (auto: the checkpoint's own). bf16 trains with fp32 "
                                 "master weights.", choices=DTYPES)
+    max_new_tokens: int | None = option(None, "Completion length recorded for generate and evaluate, checked against "
+                                              "the model's context. [default: the task's: 48 arith, 512 gsm8k and task "
+                                              "files, 1024 math, 2048 competition sets]", show_default=False)
 
 
 def default_model_dir() -> Path:
@@ -71,7 +74,7 @@ def init_run(config: InitConfig) -> dict:
     """Create a run: prompts table, policy v0000 and run.toml, built aside and renamed into place."""
     import torch
 
-    from roll.policy import check_model_path, load_policy, save_policy
+    from roll.policy import check_checkpoint, check_tokenizer, load_policy, save_policy
     from roll.tasks import build_prompts
 
     run = Run(config.run)
@@ -79,15 +82,20 @@ def init_run(config: InitConfig) -> dict:
         raise RollError(f"{run.root}: a run already exists here")
     if config.dtype not in DTYPES:
         raise RollError(f"--dtype {config.dtype}: choose from {', '.join(DTYPES)}")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise RollError(f"--max-new-tokens {config.max_new_tokens}: must be at least 1")
     # an absolute path: run.toml must still name the model when read from another directory
     model_source = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else \
         (str(config.model) if config.model else str(default_model_dir()))
-    check_model_path(model_source)
+    check_checkpoint(model_source)  # weights and a real tokenizer, before the weights are read (DESIGN §6)
     model, tokenizer = load_policy(model_source)  # in the checkpoint's own dtype
+    check_tokenizer(model_source, tokenizer)  # a hub id's, which check_checkpoint leaves to transformers
     if config.dtype != "auto":
         model.to(getattr(torch, config.dtype))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     prompts = build_prompts(config.task, config.seed, tokenizer)  # refuses a bad task before any file is written
+    max_new_tokens = config.max_new_tokens or task_max_new_tokens(config.task)
+    check_task_fits(model_source, model.config, tokenizer, prompts, max_new_tokens)
 
     staging = Run(run.root.parent / f".{run.root.name}.init-{os.getpid()}")
     shutil.rmtree(staging.root, ignore_errors=True)
@@ -96,7 +104,7 @@ def init_run(config: InitConfig) -> dict:
         save_policy(model, tokenizer, staging.policy_dir(0),
                     {"version": 0, "parent": None, "source": model_source, "objective": None})
         values = {**asdict(config), "run": None, "model": model_source, "dtype": dtype, "roll_version": __version__,
-                  "max_new_tokens": task_max_new_tokens(config.task),
+                  "max_new_tokens": max_new_tokens,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_run_config(staging.config_path, values)
         if run.root.exists():
@@ -111,6 +119,24 @@ def init_run(config: InitConfig) -> dict:
     for split in prompts.column("split").to_pylist():
         counts[split] = counts.get(split, 0) + 1
     return {"run": str(run.root), "task": config.task, "model": model_source, "dtype": dtype, "prompts": counts}
+
+
+def check_task_fits(model_source: str, model_config, tokenizer, prompts, max_new_tokens: int) -> None:
+    """Refuse a model whose context cannot hold the task's longest prompt (train or test, tokenized as generate
+    and evaluate will) plus the run's completion length: found here, not in the first generate."""
+    from roll.policy import context_limit, encode_prompts
+
+    limit, field = context_limit(model_config)
+    if not limit or prompts.num_rows == 0:
+        return
+    tokens = encode_prompts(tokenizer, prompts.column("prompt").to_pylist(), prompts.column("metadata").to_pylist())
+    longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+    if len(tokens[longest]) + max_new_tokens > limit:
+        prompt_id = prompts.column("prompt_id")[longest].as_py()
+        raise RollError(f"model {model_source}: context too short for this task: {field} is {limit} tokens, and prompt "
+                        f"'{prompt_id}' ({len(tokens[longest])} tokens) + --max-new-tokens {max_new_tokens} needs "
+                        f"{len(tokens[longest]) + max_new_tokens} (init with a smaller --max-new-tokens, or use a model "
+                        f"with a longer context)")
 
 
 def task_max_new_tokens(task: str) -> int:

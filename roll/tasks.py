@@ -11,7 +11,8 @@ own line, so a short written trace helps a small model far more than guessing th
                 answer: 17
 
 A task may also be a JSONL or Parquet file of the user's own with `prompt` (or `problem`) and `answer`
-columns; `id`/`prompt_id` is optional.
+columns; `id`/`prompt_id` is optional. As with the bundled datasets, a checkpoint with a chat template gets each
+prompt wrapped in it, as the user's turn (a row marked `"chat_template": true` is taken as wrapped already).
 """
 from __future__ import annotations
 
@@ -81,8 +82,9 @@ def extract_arith_answer(completion: str) -> str | None:
     return str(int(match.group(1))) if match else None
 
 
-def _file_rows(path: Path) -> list[dict]:
-    """Rows of a user's JSONL or Parquet task file, each checked for a prompt and an answer."""
+def _file_rows(path: Path, tokenizer=None) -> list[dict]:
+    """Rows of a user's JSONL or Parquet task file, each checked for a prompt and an answer; with a tokenizer
+    that has a chat template, each prompt becomes the user's turn in it (metadata "chat_template": true)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -122,6 +124,14 @@ def _file_rows(path: Path) -> list[dict]:
         prompt_id = str(record.get("prompt_id", record.get("id", f"{path.stem}-{number:06d}")))
         split = str(record.get("split", "train"))
         extra = {k: v for k, v in record.items() if k not in ("prompt", "problem", "answer", "id", "prompt_id", "split")}
+        if not extra.get("chat_template") and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            try:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - a template's own error (jinja) is the reason given
+                raise RollError(f"{path}: {where} {number}: the model's chat template cannot wrap the prompt "
+                                f"({' '.join(str(exc).split())[:200]})") from None
+            extra["chat_template"] = True  # it carries its own special tokens: encode_prompts adds none
         rows.append({"prompt_id": prompt_id, "task": path.stem, "split": split, "prompt": prompt,
                      "answer": str(answer), "metadata": json.dumps(extra, default=str)})
     ids = [r["prompt_id"] for r in rows]
@@ -136,7 +146,8 @@ TASKS = (ARITH, *DATASETS)  # the embedded default, then the bundled real datase
 def build_prompts(task: str, seed: int = 0, tokenizer=None) -> pa.Table:
     """The prompts table for `task` (a built-in name or a path to a JSONL/Parquet file).
 
-    `tokenizer` matters only for the bundled datasets: one with a chat template gets its prompts wrapped in it.
+    `tokenizer` matters for the bundled datasets and task files: one with a chat template gets their prompts
+    wrapped in it (arith's stay plain: its format is a continuation for the embedded model).
     """
     from roll.store import SCHEMAS
 
@@ -145,7 +156,7 @@ def build_prompts(task: str, seed: int = 0, tokenizer=None) -> pa.Table:
     elif task in TASKS:
         rows = dataset_rows(task, tokenizer)  # fixed files: the seed has nothing to shuffle
     elif Path(task).suffix in (".jsonl", ".json", ".parquet") and Path(task).is_file():
-        rows = _file_rows(Path(task))
+        rows = _file_rows(Path(task), tokenizer)
     else:
         raise RollError(f"unknown task '{task}' (choose from: {', '.join(TASKS)}, or a .jsonl/.parquet file)")
     return pa.Table.from_pylist(rows, schema=SCHEMAS["prompts"])

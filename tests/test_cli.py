@@ -63,7 +63,10 @@ def test_user_task_file_builds_prompts(tmp_path, tiny_model_dir):
     task = tmp_path / "mytask.jsonl"
     task.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"Q: {i}+1\n", "answer": str(i + 1)}) + "\n"
                             for i in range(5)))
-    roll_cli("init", "--run", tmp_path / "r", "--task", task, "--model", tiny_model_dir)
+    # a task file's runs complete 512 tokens unless told: the tiny model's 128-token context needs fewer (checked at init)
+    one_error_line(roll_cli("init", "--run", tmp_path / "r", "--task", task, "--model", tiny_model_dir, check=False),
+                   "context too short", "n_positions is 128 tokens", "--max-new-tokens 512")
+    roll_cli("init", "--run", tmp_path / "r", "--task", task, "--model", tiny_model_dir, "--max-new-tokens", 48)
     prompts = Run(tmp_path / "r").read_prompts().to_pylist()
     assert [p["prompt_id"] for p in prompts] == [f"q{i}" for i in range(5)]
     assert {p["split"] for p in prompts} == {"train"} and prompts[3]["answer"] == "4"

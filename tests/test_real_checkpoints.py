@@ -64,6 +64,7 @@ def test_the_pipeline_runs_on_real_architectures(checkpoint, tmp_path, request):
 
 
 def test_a_task_records_its_completion_length_and_stages_use_it(qwen2_dir, tmp_path):
+    import shutil
     import tomllib
 
     run = tmp_path / "run"
@@ -78,8 +79,14 @@ def test_a_task_records_its_completion_length_and_stages_use_it(qwen2_dir, tmp_p
     roll_cli("generate", "--run", run, "--version", 0, "--prompts", 1, "--group-size", 2, "--max-new-tokens", 8,
              "--force")  # an explicit option overrides the run's
     assert query(Run(run), "select distinct max_new_tokens from rollouts").fetchall() == [(8,)]
+    # MATH's longest prompt is 3,393 tokens under this small tokenizer: init refuses a context without room for it
+    # and 1,024 new tokens (tests/test_init_checks.py), so this copy says 8,192 (RoPE: no weight depends on it)
+    long_context = tmp_path / "qwen2-8k"
+    shutil.copytree(qwen2_dir, long_context)
+    config = json.loads((long_context / "config.json").read_text())
+    (long_context / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
     math = tmp_path / "math"
-    roll_cli("init", "--run", math, "--model", qwen2_dir, "--task", "math")
+    roll_cli("init", "--run", math, "--model", long_context, "--task", "math")
     counts = query(Run(math), "select split, count(*) from prompts group by 1 order by 1").fetchall()
     assert counts == [("test", 500), ("train", 7470)]
     assert tomllib.loads((math / "run.toml").read_text())["max_new_tokens"] == 1024
