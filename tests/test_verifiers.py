@@ -178,6 +178,223 @@ def test_answer_line_and_missing_format(math_verifier):
     assert [(v.correct, v.format_ok) for v in verdicts] == [(True, True), (False, False), (False, False)]
 
 
+# ------------------------------------------------------------------------ what reasoning models write (issue 21)
+# Realistic endings in four styles, each with its gold answer and the verdict a careful human grader gives:
+# whatever the code does, the verdict column is what a person reading the completion would mark. Hard
+# negatives included: a right box inside <think> but a wrong answer after it, a right box retracted for a wrong
+# one, thousands separators that change the value. Before issue 21 the verifier agreed on 51 of these 86.
+GSM_JANET = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
+             "She makes 9 * 2 = $<<9*2=18>>18 every day at the farmer's market.\n")
+R1_THINK = ("<think>\nOkay, let's see. Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so "
+            "16 - 3 - 4 = 9 eggs left. She sells each for $2, so 9 * 2 = 18.\n")
+R1_OPTIONS = "<think>\nOption A gives 10, B gives 11, C gives 12, which matches.\n</think>\n\n"
+LLAMA_STEPS = ("## Step 1: Find the eggs left to sell\nJanet's ducks lay 16 eggs; she uses 3 + 4 = 7, leaving "
+               "16 - 7 = 9.\n\n## Step 2: Multiply by the price\n9 eggs at $2 each is 9 * 2 = 18 dollars.\n\n")
+QWEN_FIX = ("So the answer is $\\boxed{12}$.\n\nWait, I made an error: she also buys 2 more, so the total is "
+            "12 + 2 = 14. The answer is 14.")
+QWEN_MISREAD = ("The value of $x$ is $\\boxed{8}$.\n\nHmm, actually I misread the question: it asks for $x + 5$, "
+                "which is $8 + 5 = 13$.\n\n**Final Answer:** 13")
+R1_GUESS = ("<think>\nFirst guess: \\boxed{12}? No wait, I forgot the 4 she found later, so 10 + 4 = 14.\n"
+            "</think>\n\nThe total is 10 + 4 = 14.\n\n**Final Answer:** 14")
+R1_LEFT = ("<think>\nShe spends 14 dollars, so the answer should be \\boxed{14}. Hmm, but the question asks what is "
+           "left.\n</think>\n\nAfter paying, she has 20 - 14 = 6 dollars left.\n\nThe answer is 6.")
+R1_COST = "<think>\n12 * 90 = 1080.\n</think>\n\n### Final Answer\n\nThe total cost is $1,080."
+R1_SUM = "<think>\nLet me add: 17 + 25 = 42.\n</think>\n\n**Final Answer**\nThe total is 42."
+CHAIRS = "**Step 2:** 12 chairs at $90 each cost 12 × 90 = $1,080.\n\nThe answer is $1,080."
+AREA = "**Step 3:** The area is 40 × 25 = 1,000 square feet.\n\nThe answer is 1,000."
+GARDEN = "**Step 2:** The garden is 125 × 100 = 12,500 square feet.\n\nThe answer is 12,500 square feet."
+APPLES = "**Step 2:** She picks 6 × 3 = 18 apples.\n\n**Final Answer:** She has 18 apples."
+TOTAL = "**Step 2:** 17 + 25 = 42.\n\n**Final Answer** The total is 42."
+OPTION_LINE = "Checking each option.\n(C) 12"
+POSITIVE = "Comparing the options, only B gives a positive product.\n\nAnswer: B"
+TOYS = "The factory makes 250 * 4 = 1,000 toys.\nThe answer is 1,000."
+CLIPS = "Natalia sold 48/2 = 24 clips in May. Altogether she sold 48 + 24 = 72 clips.\n"
+
+REASONING_ENDINGS = [  # (completion, gold, human verdict, style)
+    # --- Qwen2.5-Math: a box at the end, "The final answer is $\boxed{…}$" ----------------------------------
+    ("To find the total, we compute $3 \\times 4 = 12$.\n\nTherefore, the answer is $\\boxed{12}$.", "12", True,
+     "qwen"),
+    ("To find the total, we compute $3 \\times 4 = 12$.\n\nTherefore, the answer is $\\boxed{12}$.", "13", False,
+     "qwen"),
+    ("Simplifying, $\\frac{3}{6} = \\frac{1}{2}$.\n\nThe final answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}",
+     True, "qwen"),
+    ("The probability is $\\frac{5}{10}$.\n\nThe final answer is $\\boxed{0.5}$.", "\\frac{1}{2}", True, "qwen"),
+    ("Solving $2x + 1 = 7$ gives $x = \\boxed{3}$.", "3", True, "qwen"),
+    ("Converting to polar coordinates, we get $\\boxed{(3, \\frac{\\pi}{2})}$.",
+     "\\left( 3, \\frac{\\pi}{2} \\right)", True, "qwen"),
+    ("Thus, Janet makes \\(\\boxed{18}\\) dollars every day at the farmers' market.", "18", True, "qwen"),
+    ("So the total cost is $\\boxed{1,080}$ dollars.", "1080", True, "qwen"),
+    ("The final answer is $\\boxed{1,000,000}$.", "1000", False, "qwen"),
+    ("The final answer is $\\boxed{18}$.\n\nWait, let me double-check: 16 - 3 - 4 = 9 eggs, and 9 * 2 = 18. "
+     "Yes, that's correct.", "18", True, "qwen"),
+    (QWEN_FIX, "12", False, "qwen"),  # the right box, taken back for a wrong answer
+    (QWEN_FIX, "14", True, "qwen"),
+    ("Hence the answer is $\\boxed{12}$. Actually, let me recompute: 5 * 3 = 15, not 12. So the final answer "
+     "is $\\boxed{15}$.", "15", True, "qwen"),
+    ("Checking each choice, only (C) satisfies the equation, so the correct option is $\\boxed{C}$.",
+     "\\text{(C)}", True, "qwen"),
+    ("Checking each choice, only (B) satisfies the equation, so the answer is $\\boxed{B}$.", "\\text{(C)}",
+     False, "qwen"),
+    ("Therefore, the length of the diagonal is $\\boxed{10\\sqrt{2}}$.", "10\\sqrt{2}", True, "qwen"),
+    ("Therefore, the length of the diagonal is $\\boxed{10\\sqrt{3}}$.", "10\\sqrt{2}", False, "qwen"),
+    ("Putting it all together, the answer is $\\boxed{}$.", "7", False, "qwen"),
+    ("The answer is $\\boxed{18}$.\n\nLet me verify: 9 eggs at $2 each is $18. The answer is 18.", "18", True,
+     "qwen"),
+    (QWEN_MISREAD, "13", True, "qwen"),
+    (QWEN_MISREAD, "8", False, "qwen"),
+
+    # --- DeepSeek-R1: <think> … </think>, then a summary (the opening <think> is often in the prompt) -------
+    (R1_THINK + "So the answer is 18.\n</think>\n\nJanet has 9 eggs left to sell at $2 each.\n\n**Final Answer**\n"
+     "\\[\n\\boxed{18}\n\\]", "18", True, "r1"),
+    (R1_THINK + "So the answer is \\boxed{18}.\n</think>\n\nShe sells 9 eggs at $3 each.\n\n**Final Answer**\n"
+     "\\boxed{27}", "18", False, "r1"),
+    (R1_GUESS, "14", True, "r1"),  # a box inside <think> is not the final answer ...
+    (R1_GUESS, "12", False, "r1"),
+    (R1_LEFT, "14", False, "r1"),  # ... even when it is the gold
+    (R1_LEFT, "6", True, "r1"),
+    (R1_THINK + "So it's \\boxed{18}.\n</think>\n\nJanet makes $20 every day at the farmers' market.", "18", False,
+     "r1"),
+    (R1_THINK + "So the answer is 42... wait, 6 * 7 = 42, yes.\n</think>\n\nThe total number of apples is 42.",
+     "42", True, "r1"),
+    (R1_THINK + "So the answer is \\boxed{18}.\n</think>", "18", True, "r1"),  # nothing after: its reasoning
+    (R1_THINK + "</think>\n\nSo, the final answer is **18**.", "18", True, "r1"),
+    (R1_THINK + "</think>\n\nJanet makes **\\$18** per day at the farmers' market.", "18", True, "r1"),
+    (R1_SUM, "42", True, "r1"),
+    (R1_SUM, "24", False, "r1"),
+    ("<think>\nHe has 5 packs of 4 cards, so 20; he needs 32, so 12 more.\n</think>\n\n### Final Answer\n"
+     "John needs to buy \\(\\boxed{12}\\) more cards.", "12", True, "r1"),
+    (R1_COST, "1080", True, "r1"),
+    (R1_COST, "108", False, "r1"),
+    ("<think>\n1000 * 1000 = 1,000,000.\n</think>\n\n**Final Answer:** The answer is 1,000,000.", "1000", False,
+     "r1"),
+    (R1_OPTIONS + "The correct option is (C).", "C", True, "r1"),
+    (R1_OPTIONS + "The correct option is (B).", "C", False, "r1"),
+    (R1_OPTIONS + "**Answer:** (C)", "\\text{(C)}", True, "r1"),
+    ("<think>\nTwo of the four outcomes are heads, so 2/4.\n</think>\n\nThe probability is "
+     "$\\boxed{\\dfrac{1}{2}}$.", "\\frac{1}{2}", True, "r1"),
+    ("<think>\nOkay, so 120 total. Wait, no: the question asks for the difference, so 120 - 45 = 75.\n</think>\n\n"
+     "The difference is 120 - 45 = 75.\n\n\\[\n\\boxed{75}\n\\]", "75", True, "r1"),
+    ("<think>\nThe answer is 72.\n</think>\n\nNatalia sold 48 + 24 = 70 clips.\n#### 70", "72", False, "r1"),
+    ("<think>\nShe sold 48 in April and half as many, 24, in May: 48 + 24 = 72.\n</think>\n\n"
+     "Natalia sold 48 + 24 = 72 clips altogether in April and May.", "72", True, "r1"),
+
+    # --- Llama-3: "## Step N" / "**Step N:**", "The final answer is: $\boxed{…}$", "The answer is …" ---------
+    (LLAMA_STEPS + "The final answer is: $\\boxed{18}$", "18", True, "llama"),
+    (LLAMA_STEPS + "The final answer is: $\\boxed{18}$", "20", False, "llama"),
+    ("**Step 1:** Janet's ducks lay 16 eggs.\n**Step 2:** She uses 7, leaving 9.\n**Step 3:** 9 × $2 = $18.\n\n"
+     "The answer is 18.", "18", True, "llama"),
+    (AREA, "1000", True, "llama"),
+    (AREA, "1", False, "llama"),  # the thousands separator is inside the number
+    (CHAIRS, "1080", True, "llama"),
+    (CHAIRS.replace("$", "\\$"), "1080", True, "llama"),
+    (CHAIRS, "1", False, "llama"),
+    ("**Step 2:** Each ticket costs 37 / 2 = $18.50.\n\nThe answer is $18.50.", "18.5", True, "llama"),
+    ("## Step 3: Add the amounts\n500 + 750 = 1,250.\n\nThe final answer is: $\\boxed{1,250}$", "1250", True,
+     "llama"),
+    (GARDEN, "12500", True, "llama"),
+    (GARDEN, "12", False, "llama"),
+    ("**Step 2:** Each share is 5 / 2 = 2,5 liters.\n\nThe answer is 2,5.", "2", False, "llama"),
+    (POSITIVE, "B", True, "llama"),
+    (POSITIVE, "C", False, "llama"),
+    ("Substituting each option, the equation holds for (C) only. The answer is (C).", "\\text{(C)}", True,
+     "llama"),
+    ("Substituting each option, the equation holds for (C) only. The correct option is (C).", "C", True, "llama"),
+    ("Comparing the options, only one is positive.\n\n(B)", "B", True, "llama"),
+    (OPTION_LINE, "C", True, "llama"),  # an option line answers with its letter and with its value
+    (OPTION_LINE, "12", True, "llama"),
+    (OPTION_LINE, "D", False, "llama"),
+    (APPLES, "18", True, "llama"),
+    (APPLES, "17", False, "llama"),
+    (TOTAL, "42", True, "llama"),
+    (TOTAL, "24", False, "llama"),
+    ("## Step 2: Multiply\n8 × 9 = 72.\n\n### Final Answer\n72", "72", True, "llama"),
+    (LLAMA_STEPS + "The final answer is: $\\boxed{12}$\n\nHowever, I made a mistake in Step 2: the price is $2, "
+     "so 7 × 2 = 14. The correct answer is 14.", "12", False, "llama"),
+
+    # --- GSM8K: "#### 72", "The answer is 1,000." ----------------------------------------------------------
+    (GSM_JANET + "#### 18", "18", True, "gsm8k"),
+    (GSM_JANET + "#### 17", "18", False, "gsm8k"),
+    ("The factory makes 250 * 4 = <<250*4=1000>>1,000 toys.\n#### 1,000", "1000", True, "gsm8k"),
+    ("The chairs cost 12 * 90 = <<12*90=1080>>1,080 dollars.\n#### 1,080", "108", False, "gsm8k"),
+    (CLIPS + "The answer is 72.", "72", True, "gsm8k"),
+    (CLIPS + "**The answer is 72.**", "72", True, "gsm8k"),
+    (TOYS, "1000", True, "gsm8k"),
+    (TOYS, "1", False, "gsm8k"),
+    ("She saves 1,000 * 10 = 10,000 dollars.\nThe answer is 10,000.", "10", False, "gsm8k"),
+    ("The chairs cost 12 * 90 = $1,080.\nThe answer is $1,080.", "1080", True, "gsm8k"),
+    ("The rent is 1,000 dollars a month.\nThe answer is 1,000 dollars.", "1000", True, "gsm8k"),
+    ("So she has 3 + 4 = 7 apples.\nThe answer is 7 apples.", "7", True, "gsm8k"),
+    ("The pool holds 1,500 gallons.\nThe answer is 1,500.\n#### 1500", "1500", True, "gsm8k"),
+    ("The car travels 60 * 2.5 = 150 miles.\nThe answer is 150 miles, because speed times time is distance.",
+     "150", True, "gsm8k"),
+]
+
+
+@pytest.fixture(scope="module")
+def reasoning_verdicts(math_verifier):
+    return math_verifier.verify_many([c for c, *_ in REASONING_ENDINGS], [g for _, g, *_ in REASONING_ENDINGS])
+
+
+def test_reasoning_table_shape():
+    assert len(REASONING_ENDINGS) >= 60
+    assert {style for *_, style in REASONING_ENDINGS} == {"qwen", "r1", "llama", "gsm8k"}
+    assert sum(not human for _, _, human, _ in REASONING_ENDINGS) >= 25  # hard negatives, not only positives
+    assert len({(c, g) for c, g, *_ in REASONING_ENDINGS}) == len(REASONING_ENDINGS)
+
+
+@pytest.mark.parametrize("index", range(len(REASONING_ENDINGS)))
+def test_reasoning_ending(reasoning_verdicts, index):
+    completion, gold, human, style = REASONING_ENDINGS[index]
+    verdict = reasoning_verdicts[index]
+    assert (verdict.correct, verdict.error) == (human, ""), \
+        f"{style}: gold {gold!r}, read {verdict.extracted_answer!r} from …{completion[-80:]!r}"
+
+
+def test_reasoning_endings_agreement(reasoning_verdicts):
+    """Agreement with the human grader, per style and overall (printed with -s): all of them."""
+    agree = {}
+    for (_, _, human, style), verdict in zip(REASONING_ENDINGS, reasoning_verdicts):
+        hits, total = agree.get(style, (0, 0))
+        agree[style] = (hits + (verdict.correct == human), total + 1)
+    print("\nagreement with a human grader: " + ", ".join(f"{s} {h}/{t}" for s, (h, t) in agree.items()))
+    assert all(hits == total for hits, total in agree.values()), agree
+
+
+@pytest.mark.parametrize("completion, gold, expected", [
+    # after </think>: the presented answer, not a box inside the reasoning
+    ("<think>\nmaybe \\boxed{3}\n</think>\nThe answer is 4.", "", "4"),
+    # nothing explicit after </think>: its last line that holds a number, read by math-verify
+    ("<think>\n\\boxed{3}\n</think>\n\nShe has 4 apples.\nHope this helps!", "", "She has 4 apples"),
+    ("<think>\nso the answer is 3\n</think>\n\nDone!", "", "3"),  # no number after it: the reasoning's answer
+    ("<think>\nso the answer is \\boxed{3}", "", "3"),  # never closed (cut off): read as a whole
+    # a box stands against a later answer statement unless it was taken back in between
+    ("\\boxed{5}\nSo the answer is 6.", "", "5"),
+    ("\\boxed{5}\nOops, that is wrong. So the answer is 6.", "", "6"),
+    ("\\boxed{5}\nWait, let me check: 2 + 3 = 5. Yes.", "", "5"),  # a check that states nothing new
+    ("The answer is 1,000,000.", "", "1,000,000"),
+    ("The answer is 5, 6 or 7.", "", "5"),  # ", " ends the answer; a digit after the comma does not
+    ("The correct answer is **14**.", "", "14"),
+    ("### Final Answer\n\n\\[\n12\n\\]", "", "12"),
+    ("**Final Answer** The total is 42.", "", "The total is 42"),
+    ("(C) 12", "\\text{(C)}", "C"),  # an option answers with its letter when the gold is a letter
+    ("The answer is (C) 12.", "7", "12"),
+    ("Putting it together, the answer is $\\boxed{}$.", "", None),  # an empty box is no answer anywhere
+])
+def test_final_answer_precedence(completion, gold, expected):
+    assert extract_math_answer(completion, gold) == expected
+
+
+def test_extraction_is_linear_on_long_lines():
+    """A line of spaces after "the answer is 1" took 11 s at 2,000 spaces (cubic backtracking) before."""
+    texts = ["the answer is 1" + " " * 50_000 + "x", "the answer is" + " " * 50_000 + ":" + " " * 50_000,
+             "#### 1" + " " * 50_000 + "x", "**Final Answer**" + "\n" * 50_000, "(C)" + " " * 50_000 + "(",
+             "\\boxed{5}\nwait\n" + "answer: 6\n" * 20_000, "</think>" * 20_000, "the answer is " + "1," * 50_000]
+    start = time.perf_counter()
+    for text in texts:
+        extract_math_answer(text)
+    assert time.perf_counter() - start < 2.0
+
+
 # ------------------------------------------------------------------------------------------- time bound
 
 
