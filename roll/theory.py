@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def group_baseline_advantages(rewards: np.ndarray, objective: str, beta: float, beta1: float, shift: float):
+def group_baseline_advantages(rewards: np.ndarray, objective: str, beta: float, beta1: float,
+                              shift: float | None = None):
     """Per-sample advantages with the objective's baseline taken over the samples (as a group would).
 
     `objective` is a registered objective, or "lme": the log-mean-exp baseline at the regression's own β.
@@ -28,7 +29,7 @@ def group_baseline_advantages(rewards: np.ndarray, objective: str, beta: float, 
     return group_advantages(rewards, objective, beta, beta1, shift)
 
 
-def tabular_check(objective: str, beta: float = 0.5, beta1: float = 1.0, shift: float = 1.0, outputs: int = 5,
+def tabular_check(objective: str, beta: float = 0.5, beta1: float = 1.0, shift: float | None = None, outputs: int = 5,
                   samples: int = 4000, seed: int = 0) -> dict:
     """Train the tabular policy and compare it with the Lambert and Boltzmann targets (total variation)."""
     import torch
