@@ -257,9 +257,19 @@ def plot_regimes(cells, groups: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def write_csvs(out: Path, tables: dict[str, list[dict]]) -> None:
+    """Each table (a list of rows with the same keys) as out/NAME, header first."""
     import csv
 
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def main(argv=None) -> None:
     import pyarrow.parquet as pq
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -269,12 +279,7 @@ def main(argv=None) -> None:
     runs, evals, steps, groups = collect(args.grid)
     if not runs:
         raise SystemExit(f"{args.grid}: no finished cells (directories named objective-staleness-seedN with iterate.json)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("evals.csv", evals), ("steps.csv", steps)):
-        with open(args.out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csvs(args.out, {"evals.csv": evals, "steps.csv": steps})
     pq.write_table(groups, args.out / "groups.parquet", compression="zstd")
     summary = summarise(runs, evals, steps, groups)
     (args.out / "summary.md").write_text(f"Cells that ran ({len(runs)}): {', '.join(r['cell'] for r in runs)}\n\n" + summary)

@@ -16,11 +16,10 @@ Reads every finished cell (variant-staleness-seedN with iterate.json) through th
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
-from roll.pipeline.experiment import band, collect, interval, mean_std
+from roll.pipeline.experiment import band, collect, interval, mean_std, write_csvs
 from roll.pipeline.report import collapsed
 
 VARIANTS = ("ppo", "decoupled-ppo", "m2po", "pmd-mean", "stable-pess", "stable-pess-parent", "oapl", "oapl-shift")
@@ -169,12 +168,7 @@ def main(argv=None) -> None:
     runs, evals, steps, groups = collect(args.grid)
     if not runs:
         raise SystemExit(f"{args.grid}: no finished cells (directories named variant-staleness-seedN with iterate.json)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("evals.csv", evals), ("steps.csv", steps), ("regimes.csv", regime_rows(groups))):
-        with open(args.out / name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csvs(args.out, {"evals.csv": evals, "steps.csv": steps, "regimes.csv": regime_rows(groups)})
     summary = summarise(runs, evals, steps)
     (args.out / "summary.md").write_text(f"Cells that ran ({len(runs)}): {', '.join(r['cell'] for r in runs)}\n\n"
                                          + summary)
