@@ -74,10 +74,11 @@ EQUAL_AT_LAG0 = ("decoupled-ppo", "m2po", "stable-pess-parent")  # = ppo, ppo, s
 
 
 def frontier_cells(seeds=(0, 1, 2)) -> list[tuple[str, str, int]]:
-    """(variant, staleness, seed), seed-major; the stale kinds first within a seed (where methods separate)."""
+    """(variant, staleness, seed), staleness-major: every seed of lag 32 first (the predictions are about it, and a
+    session's hours rarely cover the whole grid), then offline, synchronous and fresh data."""
     out = []
-    for seed in seeds:
-        for staleness in ("lag32", "offline96", "sync32", "lag0"):
+    for staleness in ("lag32", "offline96", "sync32", "lag0"):
+        for seed in seeds:
             out += [(v, staleness, seed) for v in VARIANTS if not (staleness == "lag0" and v in EQUAL_AT_LAG0)]
     return out
 
