@@ -26,7 +26,9 @@ part, so a run cut short keeps what it measured:
    under bf16 autocast) through `roll.sampling.completion_logprobs`, forward and backward: peak memory, tokens/s.
 6. iterate (not with --small-only): three `roll iterate` iterations of a random GPT-2 d=768 × 12 (86 M) with the
    default tokenizer: seconds per stage, and each version's generate and train tokens/s from the run's tables.
-7. qwen_generate_batch: transformers' continuous batching, `model.generate_batch`, on the same prompt token ids
+7. qwen_vllm: `roll generate --backend vllm --force` of the same version and settings as part 3 (recorded as
+   skipped where vLLM is not installed): sampling tokens/s and start-up seconds beside the hf backend's.
+8. qwen_generate_batch: transformers' continuous batching, `model.generate_batch`, on the same prompt token ids
    and the same model, 8 samples each (`num_return_sequences`), max_new_tokens 256, temperature 1, log-probs
    returned: tokens/s against roll's sampler (part 4), and its log-probs against teacher-forced ones. Last,
    because it sizes its KV cache from the free memory and its run time is the least known.
@@ -273,6 +275,23 @@ def qwen_cli(work: Path, args) -> dict:
     }
 
 
+def qwen_vllm(work: Path, args, hf_generate: dict) -> dict:
+    """`roll generate --backend vllm --force` of the same version with the same settings as qwen_cli's hf run, as a
+    subprocess: sampling tokens/s (start-up excluded) and start-up seconds beside the hf backend's."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed here (pip install 'roll[vllm]')"}
+    gen = roll("generate", "--run", str(work / "qwen"), "--device", args.device, "--backend", "vllm", "--force",
+               "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+               "--max-new-tokens", str(args.max_new_tokens),
+               # this process still holds the parts before it; vLLM sizes its KV cache from the share it is given
+               "--vllm-arg", "gpu_memory_utilization=0.5")
+    return {"generate": gen, "tokens_per_s": gen["tokens_per_s"], "startup_seconds": gen.get("startup_seconds"),
+            "hf_tokens_per_s": hf_generate["tokens_per_s"], "hf_startup_seconds": hf_generate.get("startup_seconds"),
+            "speedup": round(gen["tokens_per_s"] / hf_generate["tokens_per_s"], 2)}
+
+
 def qwen_prompts(run: Path) -> tuple[list[str], list[list[int]], list[list[int]]]:
     """(prompt ids, prompt token ids) in the order roll generate drew them, and every row's completion tokens."""
     import pyarrow.parquet as pq
@@ -490,6 +509,11 @@ def main() -> None:
         part("qwen_train_micro_batch", train_micro_batch, *qwen)
     if not args.small_only:
         part("iterate", iterate, work, args.device)
+    if "error" not in cli:  # after the parts that read the hf run's rows: it regenerates version 0 in place
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        part("qwen_vllm", qwen_vllm, work, args, cli["generate"])
     if "error" not in cli:  # last: it sizes its KV cache from the free memory, and its run time is the least known
         part("qwen_generate_batch", generate_batch, *qwen, report.get("qwen_sampler", {}).get("tokens_per_s"))
     report["total_seconds"] = round(time.perf_counter() - started, 1)

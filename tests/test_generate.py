@@ -229,3 +229,19 @@ def test_a_bf16_run_reproduces_its_rows_for_the_same_command(tmp_path):
     tokens = "select prompt_id, sample_index, token_ids, behaviour_logprobs from rollouts order by 1, 2"
     assert query(Run(run), tokens).fetchall() == query(Run(again), tokens).fetchall()
     assert len(query(Run(run), tokens).fetchall()) == 16
+
+
+def test_backend_auto_samples_with_roll_on_the_cpu_and_vllm_arg_needs_a_vllm_backend(run_dir):
+    """auto picks vLLM only on a CUDA device (where it wins, BENCHMARKS.md); this machine's CPU gets roll's sampler,
+    the same rows as --backend hf. --vllm-arg is accepted with auto (it applies when vLLM is chosen), refused with hf."""
+    if torch.cuda.is_available():
+        pytest.skip("auto picks vLLM on a CUDA device")
+    summary = run(GenerateConfig(run=run_dir, backend="auto", vllm_args=("enforce_eager=true",), **SMALL))
+    assert summary["backend"] == "hf" and summary["rows"] == 24
+    r = Run(run_dir)
+    auto_rows = query(r, "select prompt_id, sample_index, token_ids, backend from rollouts order by 1, 2").fetchall()
+    assert {row[3] for row in auto_rows} == {"hf"}
+    run(GenerateConfig(run=run_dir, backend="hf", force=True, **SMALL))
+    assert query(r, "select prompt_id, sample_index, token_ids, backend from rollouts order by 1, 2").fetchall() == auto_rows
+    with pytest.raises(RollError, match="--vllm-arg enforce_eager=true: only with --backend vllm or auto"):
+        run(GenerateConfig(run=run_dir, backend="hf", vllm_args=("enforce_eager=true",), **SMALL))
