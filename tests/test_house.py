@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"roll": ROOT / "roll", "roll.stages": ROOT / "stages", "roll.pipeline": ROOT / "pipeline"}
+PACKAGES = {"roll": ROOT / "roll", "roll.stages": ROOT / "stages", "roll.pipeline": ROOT / "pipeline",
+            "roll.pipeline.experiments": ROOT / "pipeline" / "experiments"}
 
 
 def modules() -> dict[str, Path]:
@@ -94,3 +95,12 @@ def test_every_design_reference_points_at_a_section_of_docs_design():
         cited.update(re.findall(r"DESIGN §(\d+(?:\.\d+)?[a-z]?)", path.read_text()))
     assert cited, "no references found: the pattern is wrong"
     assert cited <= sections, f"cited but not in docs/design.md: {sorted(cited - sections)}"
+
+
+def test_nothing_in_the_pipeline_imports_the_experiments():
+    """pipeline/experiments/ holds the grids and studies run with roll; roll itself must work without them."""
+    edges = graph()
+    offenders = {name: sorted(t for t in targets if t.startswith("roll.pipeline.experiments."))
+                 for name, targets in edges.items() if not name.startswith("roll.pipeline.experiments")}
+    assert {n: t for n, t in offenders.items() if t} == {}
+    assert {"roll.pipeline.experiments.grid", "roll.pipeline.experiments.frontier"} <= set(edges)

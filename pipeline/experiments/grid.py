@@ -1,8 +1,8 @@
 """The staleness experiments of EXPERIMENTS.md: variants × staleness kinds × seeds, one run directory a cell.
 
-    python -m roll.pipeline.grid runs/grid --parallel 2 --threads 1        # every cell, resumable
-    python -m roll.pipeline.grid runs/grid --only stable-pess-lag8-seed0   # one cell
-    python -m roll.pipeline.grid runs/frontier --grid frontier             # the staleness frontier (below)
+    python -m roll.pipeline.experiments.grid runs/grid --parallel 2 --threads 1        # every cell, resumable
+    python -m roll.pipeline.experiments.grid runs/grid --only stable-pess-lag8-seed0   # one cell
+    python -m roll.pipeline.experiments.grid runs/frontier --grid frontier             # the staleness frontier (below)
 
 Each cell is `roll init` + `roll iterate` as subprocesses, with the same number of optimiser steps (24) and
 of generated completions (24 × 64 prompts × 8) whatever its staleness:

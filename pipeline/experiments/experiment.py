@@ -1,6 +1,6 @@
-"""The tables and plots of EXPERIMENTS.md, computed from the runs of a staleness grid (pipeline/grid.py).
+"""The tables and plots of EXPERIMENTS.md, computed from the runs of a staleness grid (pipeline/experiments/grid.py).
 
-    python -m roll.pipeline.experiment runs/grid --out docs/experiments
+    python -m roll.pipeline.experiments.experiment runs/grid --out docs/experiments
 
 Every number comes from SQL over each run's own tables; nothing names a version: a run's start, middle and
 end are its first evaluation, the one nearest half its optimiser steps, and its last. Writes into --out:

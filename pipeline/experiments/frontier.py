@@ -1,10 +1,10 @@
 """The tables and plots of EXPERIMENTS.md's staleness frontier (issue 20), from the runs of
-`python -m roll.pipeline.grid runs/frontier --grid frontier`.
+`python -m roll.pipeline.experiments.grid runs/frontier --grid frontier`.
 
-    python -m roll.pipeline.frontier runs/frontier --out docs/frontier
+    python -m roll.pipeline.experiments.frontier runs/frontier --out docs/frontier
 
 Reads every finished cell (variant-staleness-seedN with iterate.json) through the same SQL as the first grid
-(pipeline/experiment.py) and writes into --out:
+(pipeline/experiments/experiment.py) and writes into --out:
 
     evals.csv         per cell and evaluated version: optimiser steps, pass@1 and its standard error, pass@k
     steps.csv         every optimiser step of every cell (the steps table, with the cell)
@@ -19,7 +19,7 @@ import argparse
 import math
 from pathlib import Path
 
-from roll.pipeline.experiment import band, collect, interval, mean_std, write_csvs
+from roll.pipeline.experiments.experiment import band, collect, interval, mean_std, write_csvs
 from roll.pipeline.report import collapsed
 
 VARIANTS = ("ppo", "decoupled-ppo", "m2po", "pmd-mean", "stable-pess", "stable-pess-parent", "oapl", "oapl-shift")

@@ -6,8 +6,8 @@ Truth: v's own on-policy train reward (the mean reward of the rollouts v sampled
 mean gap truth − bound, the mean absolute error of SNIPS and IPS, and whether the checkpoint with the highest
 bound is among the top 3 by held-out pass@1.
 
-    python -m roll.pipeline.ope_study RUN --out docs/experiments/ope [--lags 1,4,8] [--delta 0.05]
-    python -m roll.pipeline.ope_study RUN --held-out COPY --out …   # stale data no update trained on
+    python -m roll.pipeline.experiments.ope_study RUN --out docs/experiments/ope [--lags 1,4,8] [--delta 0.05]
+    python -m roll.pipeline.experiments.ope_study RUN --held-out COPY --out …   # stale data no update trained on
 
 With `--held-out COPY`, RUN is copied to COPY and every version's rollouts there are replaced by fresh ones
 from the same checkpoint and sampler settings on train prompts no version of RUN sampled, then verified: the stale data is then not in-sample for any
