@@ -22,6 +22,7 @@ from roll.pipeline.retention import GcConfig
 from roll.pipeline.slurm import SlurmConfig
 from roll.pipeline.sweep import SweepConfig
 from roll.runs import InitConfig, default_run_path, ensure_run
+from roll.sql import SqlConfig
 from roll.stages.evaluate import EvaluateConfig
 from roll.stages.generate import GenerateConfig
 from roll.stages.ope import OpeConfig
@@ -383,20 +384,25 @@ def slurm_render(run_path, out, **values):
 @cli.command()
 @click.argument("query")
 @run_option
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", help="Output format.")
-def sql(query, run_path, fmt):
+@config_options(SqlConfig)
+def sql(query, run_path, **values):
     """Run a read-only SQL QUERY over the run's tables with DuckDB.
 
     Views: prompts, rollouts, verdicts, scores, samples (their join), steps, groups, evals, ope, ope_summary.
+    A file whose content disagrees with its place (another version, shard or schema) is left out with a line
+    on stderr. Ctrl-C stops the query (exit 130).
 
     \b
     Example:
       roll sql "select policy_version, count(*), avg(num_tokens) from rollouts group by 1"
     """
-    from roll.sql import print_result
-    from roll.store import query as run_query
+    from roll.sql import run as run_sql
 
-    print_result(run_query(existing_run(run_path), query), fmt)
+    try:
+        run_sql(SqlConfig(run=existing_run(run_path).root, query=query, **config_values(SqlConfig, values)))
+    except KeyboardInterrupt:
+        click.echo("roll: error: interrupted (Ctrl-C); the query was stopped", err=True)
+        sys.exit(130)
 
 
 @cli.command()

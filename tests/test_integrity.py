@@ -194,3 +194,64 @@ def test_a_device_that_is_not_there_is_one_line(run_dir):
     for command in (["generate", "--version", 0, "--force"], ["score"], ["train"], ["evaluate", "--limit", 2]):
         line = one_line_error(roll_cli(*command, "--run", run_dir, "--device", "cuda", check=False))
         assert "--device cuda: no CUDA device is available" in line
+
+
+# A file's content must match its place (DESIGN §3.2): v0's rows copied under version=0001, a float version
+# column, other columns, a shard copied over another shard's name. `roll sql` answers without the file and
+# names it in one line on stderr; every stage that would read it refuses, naming it, with exit 2.
+def _v0_shard(run: Run, index: int) -> pa.Table:
+    return pq.read_table(run.shard_path("rollouts", 0, Shard(index, 2)))
+
+
+def _with_version(table: pa.Table, values: pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index("policy_version"), "policy_version", values)
+
+
+MISPLACED = {  # case → (where the file goes, what it holds)
+    "v0 rows copied under version 1": (
+        "rollouts/version=0001/part-00000-of-00002.parquet", lambda run: _v0_shard(run, 0)),
+    "a float version column": (
+        "rollouts/version=0001/part-00000-of-00002.parquet",
+        lambda run: _with_version(_v0_shard(run, 0), pa.array([1.0] * _v0_shard(run, 0).num_rows, pa.float64()))),
+    "other columns": (
+        "rollouts/version=0001/part-00000-of-00002.parquet",
+        lambda run: _with_version(_v0_shard(run, 0), pa.array([1] * _v0_shard(run, 0).num_rows, pa.int64()))
+        .drop(["behaviour_logprobs"]).append_column("note", pa.array(["x"] * _v0_shard(run, 0).num_rows))),
+    "shard 0 copied over shard 1": (
+        "rollouts/version=0000/part-00001-of-00002.parquet", lambda run: _v0_shard(run, 0)),
+    "a float version column in the version train reads": (
+        "rollouts/version=0000/extra-float.parquet",
+        lambda run: _with_version(_v0_shard(run, 1), pa.array([0.0] * _v0_shard(run, 1).num_rows, pa.float64()))),
+}
+
+
+@pytest.mark.parametrize("case", list(MISPLACED))
+def test_a_file_whose_content_disagrees_with_its_place_is_left_out_by_sql_and_refused_by_the_stages(run_dir, case):
+    for index in (0, 1):
+        generate(GenerateConfig(run=run_dir, prompts=4, group_size=2, max_new_tokens=8, shard=Shard(index, 2)))
+    run = Run(run_dir)
+    prepare(run, [0])
+    rows = {i: _v0_shard(run, i).num_rows for i in (0, 1)}
+    place, make = MISPLACED[case]
+    bad = run.root / place
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    if case == "v0 rows copied under version 1" or case == "shard 0 copied over shard 1":
+        shutil.copyfile(run.shard_path("rollouts", 0, Shard(0, 2)), bad)  # the committed file itself, byte for byte
+    else:
+        pq.write_table(make(run), bad)
+    # what SQL may count: version 0's two shards, less shard 1 where shard 0's copy replaced it
+    expected = rows[0] + (0 if case == "shard 0 copied over shard 1" else rows[1])
+
+    proc = roll_cli("sql", "select policy_version, count(*) as n from rollouts group by 1 order by 1",
+                    "--format", "csv", "--run", run_dir)
+    assert proc.stdout == f"policy_version,n\n0,{expected}\n", proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"roll: warning: {bad}: ") and lines[0].endswith("left out"), proc.stderr
+    samples = roll_cli("sql", "select count(*) as n from samples", "--format", "csv", "--run", run_dir)
+    assert samples.stdout == f"n\n{expected}\n"
+
+    stages = ["verify", "score"] + (["train"] if "version=0000" in place else [])
+    for stage in stages:
+        line = one_line_error(roll_cli(stage, "--run", run_dir, check=False))
+        assert line.startswith(f"roll: error: {bad}: "), (stage, line)
+    assert run.policy_versions() == [0]
