@@ -216,10 +216,10 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
     of another type, or a null in a column that may not hold one is refused.
     """
     schema = SCHEMAS[name]
-    problem = schema_problem(table.schema, name)
-    if problem:
-        raise RollError(f"{where}: {problem}")
     for field in schema:
+        problem = _field_problem(table.schema, field, name)
+        if problem:
+            raise RollError(f"{where}: {problem}")
         column = table.column(field.name)
         if not field.nullable and column.null_count:
             raise RollError(f"{where}: column '{field.name}' holds {column.null_count} null value(s)")
@@ -236,12 +236,15 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
 
 def schema_problem(schema: pa.Schema, name: str) -> str | None:
     """Why a file of `schema` cannot be read as table `name` (a column missing or of another type), or None."""
-    for field in SCHEMAS[name]:
-        index = schema.get_field_index(field.name)
-        if index < 0:
-            return f"{name} table has no column '{field.name}' (expected {field.type})"
-        if not schema.field(index).type.equals(field.type):
-            return f"column '{field.name}' has type {schema.field(index).type}, expected {field.type}"
+    return next((problem for field in SCHEMAS[name] if (problem := _field_problem(schema, field, name))), None)
+
+
+def _field_problem(schema: pa.Schema, field: pa.Field, name: str) -> str | None:
+    index = schema.get_field_index(field.name)
+    if index < 0:
+        return f"{name} table has no column '{field.name}' (expected {field.type})"
+    if not schema.field(index).type.equals(field.type):
+        return f"column '{field.name}' has type {schema.field(index).type}, expected {field.type}"
     return None
 
 

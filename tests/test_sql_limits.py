@@ -99,13 +99,6 @@ def test_the_catalog_lists_every_table_of_the_run(run_dir, sql):
     assert {row["name"] for row in json.loads(proc.stdout)} == TABLES
 
 
-def test_describe_of_one_table_gives_its_columns(run_dir):
-    from roll.store import SCHEMAS
-
-    proc = roll_cli("sql", "DESCRIBE steps", "--format", "csv", "--run", run_dir)
-    assert [line.split(",")[0] for line in proc.stdout.splitlines()[1:]] == SCHEMAS["steps"].names
-
-
 def test_pivot_without_values_says_what_to_write_and_that_works(run_dir):
     generate(GenerateConfig(run=run_dir, prompts=2, group_size=2, max_new_tokens=8))
     refused = roll_cli("sql", "PIVOT rollouts ON finish_reason USING count(*)", "--run", run_dir, check=False)

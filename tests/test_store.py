@@ -91,18 +91,25 @@ def test_views_and_read_only_sql(tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_sql_over_a_hand_written_shard_that_lacks_a_column(tmp_path):
-    """Views match files by column name; a shard written outside roll without a column (a custom job's)
-    fails the fast path and is read on the retry that unions by name, its missing column as NULL."""
+def test_sql_over_hand_written_shards_with_other_columns(tmp_path, capsys):
+    """Views match files by column name: a shard written outside roll (a custom job's) with its columns in
+    another order and one more is read, unioned by name; one without a column is left out with one line
+    (issue 22: before, it was read with the column as NULL)."""
     from roll.store import referenced_tables
 
     run = Run(tmp_path)
     write_table(run.shard_path("rollouts", 0, Shard(0, 1)), "rollouts", rollout_rows(4, 0))
+    extra = rollout_rows(4, 1).append_column("note", pa.array(["x"] * 4))
     path = run.shard_path("rollouts", 1, Shard(0, 1))
     path.parent.mkdir(parents=True)
-    pq.write_table(rollout_rows(4, 1).drop(["seed"]).select(list(reversed(rollout_rows(4, 1).drop(["seed"]).column_names))), path)
+    pq.write_table(extra.select(list(reversed(extra.column_names))), path)
+    lacking = run.shard_path("rollouts", 2, Shard(0, 1))
+    lacking.parent.mkdir(parents=True)
+    pq.write_table(rollout_rows(4, 2).drop(["seed"]), lacking)
     assert query(run, "select policy_version, count(*), count(seed), sum(num_tokens) from rollouts group by 1 order by 1").fetchall() == [
-        (0, 4, 4, 12), (1, 4, 0, 12)]
+        (0, 4, 4, 12), (1, 4, 4, 12)]
+    assert capsys.readouterr().err.splitlines() == [
+        f"roll: warning: {lacking}: rollouts table has no column 'seed' (expected int64); left out"]
     assert referenced_tables("SELECT count(*) FROM Samples s JOIN steps USING (policy_version)") == {"samples", "steps"}
     with pytest.raises(RollError, match="SQL: .*nonexistent"):
         query(run, "select nonexistent from rollouts")
