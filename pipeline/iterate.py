@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from roll.options import option
+from roll.options import COUNT_MAX, GROUP_MAX, VERSION_MAX, check_ranges, option
 from roll.stages.generate import GenerateConfig, check_config
 from roll.stages.train import TrainConfig
 
@@ -28,18 +28,21 @@ from roll.stages.train import TrainConfig
 @dataclass(frozen=True)
 class IterateConfig:
     run: Path  # run directory
-    iterations: int = option(20, "Updates to reach (the run ends at policy version N).", group="loop")
-    eval_every: int = option(5, "Evaluate every E versions (v0 included) and the last; 0 = never.", group="loop")
-    eval_k: int = option(4, "Samples per held-out prompt.", group="loop")
+    iterations: int = option(20, "Updates to reach (the run ends at policy version N).", group="loop", min=1,
+                             max=VERSION_MAX)
+    eval_every: int = option(5, "Evaluate every E versions (v0 included) and the last; 0 = never.", group="loop", min=0,
+                             max=VERSION_MAX)
+    eval_k: int = option(4, "Samples per held-out prompt.", group="loop", min=1, max=GROUP_MAX)
     eval_limit: int | None = option(None, "Held-out prompts per evaluation. [default: all]", group="loop",
-                                    show_default=False)
+                                    show_default=False, min=1, max=COUNT_MAX)
     sync_interval: int = option(1, "S: each version samples S x --prompts prompts once and its update takes S optimiser "
-                                   "steps on them.")
+                                   "steps on them.", min=1, max=VERSION_MAX)
     sample_every: int = option(1, "S: sample only at versions k·S (S x --prompts prompts); each update takes one step on "
                                   "its own --prompts of them, π_b fixed until the next sampling (S >= --iterations: "
-                                  "offline).")
+                                  "offline).", min=1, max=VERSION_MAX)
     keep_policies: int | None = option(None, "Delete checkpoints nothing needs after each iteration, keeping v0, evaluated "
-                                             "and the latest N. [default: keep all]", show_default=False)
+                                             "and the latest N. [default: keep all]", show_default=False,
+                                       min=1, max=VERSION_MAX)
     generate: GenerateConfig = field(default=None)  # sampling settings (version is set per iteration)
     train: TrainConfig = field(default=None)  # objective and optimiser settings (version set per iteration)
 
@@ -106,11 +109,7 @@ def stage_settings(config: IterateConfig) -> tuple[GenerateConfig, TrainConfig]:
     interval S, each version samples S × P prompts and its update takes S steps of P × G rows."""
     from roll.errors import RollError
 
-    if config.iterations < 1:
-        raise RollError(f"--iterations {config.iterations}: must be at least 1")
-    for name in ("sync_interval", "sample_every"):
-        if getattr(config, name) < 1:
-            raise RollError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    check_ranges(config)
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
     check_config(gen)  # generate's settings, and that --backend vllm finds vLLM, before v0 is evaluated

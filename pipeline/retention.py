@@ -20,19 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import VERSION_MAX, check_ranges, option
 from roll.store import Run
 
 
 @dataclass(frozen=True)
 class GcConfig:
     run: Path  # run directory
-    keep: int = option(3, "Keep the latest N policy versions.")
-    lag: int = option(0, "L of the updates still to come: unscored versions in their window are kept.")
-    window: int = option(1, "W of the updates still to come.")
+    keep: int = option(3, "Keep the latest N policy versions.", min=1, max=VERSION_MAX)
+    lag: int = option(0, "L of the updates still to come: unscored versions in their window are kept.", min=0,
+                      max=VERSION_MAX)
+    window: int = option(1, "W of the updates still to come.", min=1, max=VERSION_MAX)
     versions: tuple[int, ...] = option((), "Delete exactly this version (repeatable); refused if it is still needed. "
                                            "[default: every unneeded one]", flag="--version", repeatable=True,
-                                       show_default=False)
+                                       show_default=False, min=0, max=VERSION_MAX)
     dry_run: bool = option(False, "Say what would be deleted; delete nothing.")
 
 def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
@@ -63,8 +64,7 @@ def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
 
 def run(config: GcConfig) -> dict:
     """Delete the unneeded checkpoints (or exactly `versions`); returns what was deleted and what was kept."""
-    if config.keep < 1:
-        raise RollError(f"--keep {config.keep}: must be at least 1 (the latest version is the next update's start)")
+    check_ranges(config)  # --keep at least 1: the latest version is the next update's start
     run_dir = Run(config.run)
     if not run_dir.exists():
         raise RollError(f"{run_dir.root}: no run here")

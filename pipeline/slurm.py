@@ -22,22 +22,23 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from roll.options import option
+from roll.options import VERSION_MAX, check_ranges, option
 from roll.store import data_window
 
 
 @dataclass(frozen=True)
 class SlurmConfig:
     run: Path  # run directory (must be on a filesystem every node sees)
-    iterations: int = option(1, "Updates to render: versions start … start+iterations−1 are trained.")
-    start: int = option(0, "First policy version to train from.")
-    array_size: int = option(4, "S: tasks per generate/verify/score job array.")
-    gpus_per_train: int = option(0, "P: GPUs (torchrun processes) for train; 0 = one CPU process.")
+    iterations: int = option(1, "Updates to render: versions start … start+iterations−1 are trained.", min=1,
+                             max=VERSION_MAX)
+    start: int = option(0, "First policy version to train from.", min=0, max=VERSION_MAX)
+    array_size: int = option(4, "S: tasks per generate/verify/score job array.", min=1, max=100000)
+    gpus_per_train: int = option(0, "P: GPUs (torchrun processes) for train; 0 = one CPU process.", min=0, max=1024)
     partition: str | None = option(None, "sbatch --partition.", show_default=False)
     account: str | None = option(None, "sbatch --account.", show_default=False)
     time_limit: str = option("01:00:00", "sbatch --time for every job.")
-    lag: int = option(0, "L: train v reads data up to v - L, so generation overlaps training.")
-    window: int = option(1, "W: behaviour versions per update.")
+    lag: int = option(0, "L: train v reads data up to v - L, so generation overlaps training.", min=0, max=VERSION_MAX)
+    window: int = option(1, "W: behaviour versions per update.", min=1, max=VERSION_MAX)
     generate_args: str = option("", "Extra options for roll generate, e.g. '--prompts 128'.")
     train_args: str = option("", "Extra options for roll train, e.g. '--objective ppo'.")
     roll: str = option("roll", "How the nodes call roll (e.g. a venv's bin/roll).", flag="--roll")
@@ -79,8 +80,7 @@ def render(config: SlurmConfig) -> dict[str, str]:
     """File name → script text for the whole chain, submit.sh included."""
     from roll.errors import RollError
 
-    if config.iterations < 1 or config.array_size < 1 or config.gpus_per_train < 0:
-        raise RollError("--iterations and --array-size must be at least 1, --gpus-per-train at least 0")
+    check_ranges(config)
     run = shlex.quote(str(config.run))
     roll = config.roll
     scripts: dict[str, str] = {}

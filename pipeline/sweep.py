@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from roll.options import option
+from roll.options import SEED_MAX, VERSION_MAX, option
 from roll.pipeline.iterate import IterateConfig
 from roll.stages.generate import GenerateConfig
 from roll.stages.train import TrainConfig
@@ -19,8 +19,8 @@ from roll.stages.train import TrainConfig
 class SweepConfig:
     out: Path = option(Path("runs/sweep"), "Parent directory of the runs (and of report/).")
     objectives: tuple[str, ...] = option(("ppo", "pg", "oapl", "pmd-mean", "stable-pess"), "Comma-separated objectives.")
-    lags: tuple[int, ...] = option((0, 2, 4, 8), "Comma-separated lags L.")
-    seeds: tuple[int, ...] = option((0, 1, 2), "Comma-separated seeds.")
+    lags: tuple[int, ...] = option((0, 2, 4, 8), "Comma-separated lags L.", min=0, max=VERSION_MAX)
+    seeds: tuple[int, ...] = option((0, 1, 2), "Comma-separated seeds.", min=0, max=SEED_MAX)
     iterate: IterateConfig | None = None  # the loop's settings; run, seed, objective and lag are set per cell
     model: str | None = option(None, "Checkpoint for v0. [default: the embedded model]", show_default=False)
     task: str = "arith"

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from roll.errors import RollError
-from roll.options import config_options, config_values
+from roll.options import VERSION_MAX, Bounded, Range, config_options, config_values
 from roll.pipeline.iterate import IterateConfig
 from roll.pipeline.report import ReportConfig
 from roll.pipeline.retention import GcConfig
@@ -195,7 +195,8 @@ def ope(run_path, **values):
 @cli.command()
 @run_option
 @config_options(TrainConfig)
-@click.option("--nproc", default=1, help="Processes: >1 relaunches this command under torchrun (DDP; gloo on CPU).")
+@click.option("--nproc", default=1, type=Bounded(int, Range(1, 1024)),
+              help="Processes: >1 relaunches this command under torchrun (DDP; gloo on CPU).")
 def train(run_path, nproc, **values):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
@@ -294,7 +295,8 @@ def evaluate(run_path, **values):
 @click.option("--rewards", default=None, help="Comma-separated rewards of one group (advantages come from --objective).")
 @config_options(TrainConfig, only=("objective", "beta", "beta1", "shift"))  # the objective turns --rewards into A
 @run_option
-@click.option("--version", "data_version", type=int, default=None, help="Behaviour version of a group in the run.")
+@click.option("--version", "data_version", type=Bounded(int, Range(0, VERSION_MAX)), default=None,
+              help="Behaviour version of a group in the run.")
 @click.option("--prompt-id", default=None, help="Prompt of a group in the run (with --version).")
 def lambert(advantages, rewards, objective, run_path, data_version, prompt_id, beta, beta1, shift):
     """Print a group's nominal (Boltzmann) and induced (Lambert) targets side by side, with m, k and regime.

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from roll.options import option
+from roll.options import FLOAT32_MAX, option
 
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI reads ObjectiveConfig without loading it
     import torch
@@ -36,23 +36,27 @@ if TYPE_CHECKING:  # torch is imported inside the functions: the CLI reads Objec
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    beta: float = option(0.1, "β: KL temperature of the regression objectives and the Lambert diagnostics.", group="training")
-    beta1: float = option(0.2, "β₁: temperature of the soft value in oapl and V* in apo.", group="training")
+    beta: float = option(0.1, "β: KL temperature of the regression objectives and the Lambert diagnostics.", group="training",
+                         min=0, min_open=True, max=FLOAT32_MAX)
+    beta1: float = option(0.2, "β₁: temperature of the soft value in oapl and V* in apo.", group="training", min=0,
+                          min_open=True, max=FLOAT32_MAX)
     shift: float | None = option(None, "s: baseline shift of the regression objectives, in units of β (A = r − b + s·β). "
                                        "[default: 1 for stable-pess, 0 for the others]", group="training",
-                                 show_default=False)
+                                 show_default=False, min=-FLOAT32_MAX, max=FLOAT32_MAX)
     anchor: str = option("behaviour", "What the regression objectives' Δ is measured against: behaviour (π_b, the "
                                       "checkpoint that sampled the row) or parent (π_prox, the version the update "
                                       "starts from, with self-normalised π_prox/π_b weights).",
                          choices=("behaviour", "parent"), group="training")
     m2_budget: float = option(0.04, "m2po: τ, the largest mean (log ρ)² of the kept tokens (M2PO's default).",
-                              group="training")
+                              group="training", min=0, min_open=True, max=FLOAT32_MAX)
     weight_cap: float = option(5.0, "C for π_prox/π_b weights: decoupled-ppo drops tokens above it (AReaL's "
                                     "behav_imp_weight_cap); the parent anchor truncates sequence weights at it.",
-                               group="training")
-    clip_low: float = option(0.2, "PPO ε_low.", group="training")
-    clip_high: float = option(0.2, "PPO ε_high (and the CISPO weight cap 1 + ε_high).", group="training")
-    kl_ref: float = option(0.0, "Weight of the k3 KL-to-π_ref term (ppo, cispo, pg).", group="training")
+                               group="training", min=1, max=FLOAT32_MAX)
+    clip_low: float = option(0.2, "PPO ε_low: ratios below 1 − ε_low are clipped.", group="training", min=0, max=1)
+    clip_high: float = option(0.2, "PPO ε_high (and the CISPO weight cap 1 + ε_high).", group="training", min=0,
+                              max=FLOAT32_MAX)
+    kl_ref: float = option(0.0, "Weight of the k3 KL-to-π_ref term (ppo, cispo, pg).", group="training", min=0,
+                           max=FLOAT32_MAX)
     adv_norm: str = option("std", "ppo/cispo advantage normalisation: std, (r − mean)/(std + 1e-6), or none, r − mean.",
                            choices=("std", "none"), group="training")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from roll import __version__
 from roll.errors import RollError
-from roll.options import option
+from roll.options import TOKENS_MAX, check_ranges, option, seed_option
 from roll.policy import DTYPES
 from roll.store import Run, write_table
 
@@ -28,12 +28,13 @@ class InitConfig:
     task: str = option("arith", "Built-in task name, or a .jsonl/.parquet file with prompt and answer columns.")
     model: str | None = option(None, "Checkpoint directory (or hub id) of a causal LM. [default: the embedded model]",
                                show_default=False)
-    seed: int = option(0, "Seed of the built-in task's train/test generator.")
+    seed: int = seed_option("Seed of the built-in task's train/test generator.")
     dtype: str = option("auto", "Weights' dtype, kept by every commit (auto: the checkpoint's own). bf16 trains with fp32 "
                                 "master weights.", choices=DTYPES)
     max_new_tokens: int | None = option(None, "Completion length recorded for generate and evaluate, checked against "
                                               "the model's context. [default: the task's: 48 arith, 512 gsm8k and task "
-                                              "files, 1024 math, 2048 competition sets]", show_default=False)
+                                              "files, 1024 math, 2048 competition sets]", show_default=False,
+                                        min=1, max=TOKENS_MAX)
 
 
 def default_model_dir() -> Path:
@@ -82,8 +83,7 @@ def init_run(config: InitConfig) -> dict:
         raise RollError(f"{run.root}: a run already exists here")
     if config.dtype not in DTYPES:
         raise RollError(f"--dtype {config.dtype}: choose from {', '.join(DTYPES)}")
-    if config.max_new_tokens is not None and config.max_new_tokens < 1:
-        raise RollError(f"--max-new-tokens {config.max_new_tokens}: must be at least 1")
+    check_ranges(config)
     # an absolute path: run.toml must still name the model when read from another directory
     model_source = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else \
         (str(config.model) if config.model else str(default_model_dir()))

@@ -16,20 +16,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from roll.options import option
+from roll.options import BATCH_MAX, COUNT_MAX, FLOAT32_MAX, check_ranges, option, seed_option
 
 
 @dataclass(frozen=True)
 class WarmstartConfig:
     out: Path | None = option(None, "Where to save the checkpoint. [default: the package's data/default_model]",
                               show_default=False)
-    seed: int = option(0, "Random seed: model init, batch order and evaluation sampling.")
-    steps: int = option(3000, "Most supervised steps to take.")
-    batch_size: int = option(64, "Solved examples per step.")
-    lr: float = option(1e-3, "AdamW learning rate (after a 50-step linear warm-up).")
-    eval_every: int = option(100, "Measure sampled pass@1 every this many steps; 0 = never (and never stop early).")
-    eval_prompts: int = option(200, "Test prompts per measurement (one sample each, T=1).")
-    target_accuracy: float = option(0.2, "Stop once sampled pass@1 reaches this (a deliberately weak policy).")
+    seed: int = seed_option("Random seed: model init, batch order and evaluation sampling.")
+    steps: int = option(3000, "Most supervised steps to take.", min=1, max=COUNT_MAX)
+    batch_size: int = option(64, "Solved examples per step.", min=1, max=BATCH_MAX)
+    lr: float = option(1e-3, "AdamW learning rate (after a 50-step linear warm-up).", min=0, min_open=True, max=FLOAT32_MAX)
+    eval_every: int = option(100, "Measure sampled pass@1 every this many steps; 0 = never (and never stop early).",
+                             min=0, max=COUNT_MAX)
+    eval_prompts: int = option(200, "Test prompts per measurement (one sample each, T=1).", min=1, max=COUNT_MAX)
+    target_accuracy: float = option(0.2, "Stop once sampled pass@1 reaches this (a deliberately weak policy).", min=0,
+                                    max=1)
 
 
 def solved_examples(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
@@ -81,6 +83,7 @@ def run(config: WarmstartConfig) -> dict:
     from roll.progress import progress_bar
     from roll.tasks import arith_rows
 
+    check_ranges(config)
     out = Path(config.out or DEFAULT_MODEL_DIR)
     rows = arith_rows(seed=0)
     train = [r for r in rows if r["split"] == "train"]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import device_option, option
+from roll.options import (BATCH_MAX, COUNT_MAX, GROUP_MAX, TEMPERATURE_MAX, TIMEOUT_MAX, TOKENS_MAX, check_ranges,
+                          device_option, option, seed_option, version_option)
 from roll.metrics import majority_correct, pass_at_k
 from roll.store import Run, write_table
 
@@ -21,18 +22,21 @@ from roll.store import Run, write_table
 @dataclass(frozen=True)
 class EvaluateConfig:
     run: Path  # run directory
-    version: int | None = option(None, "Policy version to evaluate. [default: the latest committed]", show_default=False)
+    version: int | None = version_option("Policy version to evaluate. [default: the latest committed]")
     dataset: str | None = option(None, "Bundled dataset (gsm8k, math, math500, aime24, aime25, amc23). [default: the run's "
                                        "test split]", show_default=False)
-    k: int = option(4, "Samples per prompt.")
-    temperature: float = option(1.0, "Sampling temperature; 0 is greedy (then the k samples are identical).")
-    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).")
+    k: int = option(4, "Samples per prompt.", min=1, max=GROUP_MAX)
+    temperature: float = option(1.0, "Sampling temperature; 0 is greedy (then the k samples are identical).", min=0,
+                                max=TEMPERATURE_MAX)
+    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).", min=0, min_open=True, max=1)
     max_new_tokens: int | None = option(None, "Completion length limit. [default: the dataset's or the run's, from its "
-                                              "task: 48 arith, 512 gsm8k, 1024 math]", show_default=False)
-    limit: int | None = option(None, "Evaluate only the first N prompts. [default: all]", show_default=False)
-    batch_size: int = option(256, "Sequences per forward pass.")
-    seed: int = option(0, "Random seed of the sampler.")
-    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.")
+                                              "task: 48 arith, 512 gsm8k, 1024 math]", show_default=False, min=1,
+                                        max=TOKENS_MAX)
+    limit: int | None = option(None, "Evaluate only the first N prompts. [default: all]", show_default=False, min=1,
+                               max=COUNT_MAX)
+    batch_size: int = option(256, "Sequences per forward pass.", min=1, max=BATCH_MAX)
+    seed: int = seed_option("Random seed of the sampler.")
+    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.", min=0, min_open=True, max=TIMEOUT_MAX)
     device: str = device_option()
     force: bool = option(False, "Re-evaluate a committed version and dataset.")
 
@@ -57,21 +61,25 @@ def run(config: EvaluateConfig) -> dict:
 
     import pyarrow as pa
 
+    from transformers import AutoTokenizer
+
     from roll.datasets import MAX_NEW_TOKENS
+    from roll.memory import check_sampling
     from roll.policy import check_context, encode_prompts, load_policy, pick_device
     from roll.rollouts import sample_rollouts, warn_if_cut
     from roll.runs import run_max_new_tokens
     from roll.store import SCHEMAS, read_table
     from roll.verifiers import make_verifier, verifier_for_task
 
-    if config.k < 1:
-        raise RollError(f"--k {config.k}: must be at least 1")
+    check_ranges(config)
     run_dir = Run(config.run)
     # a bundled dataset's own length (AIME needs more than the run's GSM8K), else the run's
     length = config.max_new_tokens or (MAX_NEW_TOKENS.get(config.dataset) if config.dataset else None)
     config = replace(config, max_new_tokens=run_max_new_tokens(run_dir, length))
     version = run_dir.latest_policy_version() if config.version is None else config.version
-    model, tokenizer = load_policy(run_dir.require_policy(version), pick_device(config.device))
+    policy_dir = run_dir.require_policy(version)
+    # the prompts are built, encoded and their memory estimated with the tokenizer alone, before any weight loads
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
     name, rows = held_out_prompts(run_dir, config.dataset, tokenizer)
     rows = rows[: config.limit] if config.limit else rows
     settings = {"k": config.k, "limit": config.limit, "temperature": config.temperature, "top_p": config.top_p,
@@ -84,6 +92,10 @@ def run(config: EvaluateConfig) -> dict:
 
     started = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], [r["metadata"] for r in rows])
+    check_sampling(policy_dir, config.device, prompt_ids, group_size=config.k, batch_size=config.batch_size,
+                   max_new_tokens=config.max_new_tokens, top_p=config.top_p, what=f"evaluate v{version} on {name}",
+                   lower="--limit, --k, --max-new-tokens or --batch-size")
+    model, tokenizer = load_policy(policy_dir, pick_device(config.device))
     check_context(model.config, prompt_ids, [r["prompt_id"] for r in rows], config.max_new_tokens)
     # the rollouts' own sampler and row seeds (roll.rollouts), k completions per held-out prompt
     sampled = sample_rollouts(model, tokenizer, version, [r["prompt_id"] for r in rows], prompt_ids, group_size=config.k,

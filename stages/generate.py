@@ -267,6 +267,16 @@ def sample_version(run_dir: Run, config: GenerateConfig) -> dict:
     if not train_ids:
         raise RollError(f"{run_dir.prompts_path}: no prompts in the train split")
     chosen = version_prompt_ids(train_ids, version, config.prompts, config.seed)[config.shard.index::config.shard.count]
+    if config.backend == "hf":  # before the weights load (vLLM sizes its own cache: --vllm-arg gpu_memory_utilization)
+        from transformers import AutoTokenizer
+
+        from roll.memory import check_sampling
+
+        encoded = prompt_tokens(prompts, AutoTokenizer.from_pretrained(str(policy_dir)), chosen)
+        check_sampling(policy_dir, config.device, encoded, group_size=config.group_size,
+                       batch_size=config.batch_size, max_new_tokens=config.max_new_tokens, top_p=config.top_p,
+                       what=f"generate v{version} shard {config.shard}",
+                       lower="--prompts, --group-size, --max-new-tokens or --batch-size")
 
     started = time.perf_counter()
     if config.backend == "vllm":  # the stage's seconds and tokens/s measure sampling, not start-up

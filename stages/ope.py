@@ -23,27 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import device_option, option, rollout_shard_option
+from roll.options import BATCH_MAX, VERSION_MAX, check_ranges, device_option, option, rollout_shard_option, version_option
 from roll.store import Run, Shard, shard_index
 
 
 @dataclass(frozen=True)
 class OpeConfig:
     run: Path  # run directory
-    version: int | None = option(None, "Target policy version V. [default: the latest committed]", show_default=False)
+    version: int | None = version_option("Target policy version V. [default: the latest committed]")
     data_versions: tuple[int, int] | None = option(None, "Behaviour versions a..b of the stale rollouts. [default: V-1]",
-                                                   show_default=False)
-    delta: float = option(0.05, "The lower bound holds with probability >= 1 - delta.")
+                                                   show_default=False, min=0, max=VERSION_MAX)
+    delta: float = option(0.05, "The lower bound holds with probability >= 1 - delta.", min=0, min_open=True, max=1,
+                          max_open=True)
     lambda_rule: str = option("auto", "λ of logarithmic smoothing: auto (best of a fixed grid, union bound), sqrt "
                                       "(1/sqrt(n), the paper's code) or a number.", flag="--lambda")
     shard: Shard = rollout_shard_option()
-    batch_size: int = option(64, "Sequences per forward pass.")
+    batch_size: int = option(64, "Sequences per forward pass.", min=1, max=BATCH_MAX)
     device: str = device_option()
     force: bool = option(False, "Recompute log-weights already committed.")
 
 def check_config(config: OpeConfig) -> None:
-    if not 0 < config.delta < 1:
-        raise RollError(f"--delta {config.delta}: must be in (0, 1)")
+    check_ranges(config)
     if config.lambda_rule not in ("auto", "sqrt"):
         try:
             value = float(config.lambda_rule)
@@ -51,8 +51,6 @@ def check_config(config: OpeConfig) -> None:
             value = math.nan
         if not 0 < value <= 1e6:
             raise RollError(f"--lambda {config.lambda_rule}: choose auto, sqrt or a number > 0")
-    if config.batch_size < 1:
-        raise RollError("--batch-size must be at least 1")
 
 
 def data_range(run_dir: Run, version: int, data_versions: tuple[int, int] | None) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import device_option, option, rollout_shard_option, versions_option
+from roll.options import BATCH_MAX, check_ranges, device_option, option, rollout_shard_option, versions_option
 from roll.store import Run, Shard
 
 
@@ -25,7 +25,7 @@ class ScoreConfig:
     run: Path  # run directory
     versions: tuple[int, ...] | None = versions_option()
     shard: Shard = rollout_shard_option()
-    batch_size: int = option(64, "Sequences per forward pass.")
+    batch_size: int = option(64, "Sequences per forward pass.", min=1, max=BATCH_MAX)
     device: str = device_option()
     ref: bool = option(True, "Also π_ref's log-probs (--no-ref: one forward pass fewer; train re-scores if its objective "
                              "needs them).")
@@ -47,17 +47,21 @@ def run(config: ScoreConfig) -> dict:
 
     import pyarrow as pa
 
+    from roll.memory import check_scoring
     from roll.policy import load_policy, pick_device
     from roll.progress import progress_bar
     from roll.sampling import score_rows
     from roll.store import SCHEMAS, read_table
 
+    check_ranges(config)
     run_dir = Run(config.run)
     todo = run_dir.pending_shards("scores", run_dir.selected_versions(config.versions), config.shard, config.force)
     summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "mismatch_max_abs": 0.0}
     if not todo:
         return summary
     device = pick_device(config.device)
+    check_scoring(run_dir.require_policy(0), device, [path for _, _, path in todo], batch_size=config.batch_size,
+                  models=2 if config.ref and any(version for version, _, _ in todo) else 1)
     started = time.perf_counter()
     ref_model = load_policy(run_dir.require_policy(0), device)[0] if config.ref else None
     behaviour = (0, ref_model) if config.ref else (None, None)  # (version, model) of the checkpoint in hand

@@ -28,7 +28,8 @@ from pathlib import Path
 from roll import lora
 from roll.errors import RollError
 from roll.objectives import ObjectiveConfig, check_anchor, get_objective, uses_parent, uses_reference
-from roll.options import device_option, option
+from roll.options import (BATCH_MAX, COUNT_MAX, FLOAT32_MAX, VERSION_MAX, check_ranges, device_option, option, seed_option,
+                          version_option)
 from roll.store import Run, Shard, adapter_settings, data_window
 from roll.window import Window
 
@@ -43,56 +44,49 @@ class TrainConfig(ObjectiveConfig):
     run: Path  # run directory
     objective: str = option("stable-pess", "ppo, m2po, decoupled-ppo, cispo, pg, oapl, apo, pmd-mean or stable-pess.",
                             group="training")
-    version: int | None = option(None, "Policy version v to update. [default: the latest committed]", show_default=False)
-    lag: int = option(0, "L: update v -> v+1 reads behaviour versions up to v - L.", group="training")
-    window: int = option(1, "W: the number of behaviour versions read, ending at v - L.", group="training")
+    version: int | None = version_option("Policy version v to update. [default: the latest committed]")
+    lag: int = option(0, "L: update v -> v+1 reads behaviour versions up to v - L.", group="training", min=0,
+                      max=VERSION_MAX)
+    window: int = option(1, "W: the number of behaviour versions read, ending at v - L.", group="training", min=1,
+                         max=VERSION_MAX)
     data_slice: Shard = option(help="J/S: train on the J-th of S equal parts of the window's groups (a fixed shuffle by "
                                     "--seed), so S updates on one sampled version see disjoint prompts.",
                                factory=lambda: Shard(0, 1), group="training")
-    lr: float = option(3e-4, "AdamW learning rate (after warm-up).", group="training")
+    lr: float = option(3e-4, "AdamW learning rate (after warm-up).", group="training", min=0, min_open=True,
+                       max=FLOAT32_MAX)
     warmup_steps: int = option(0, "Linear learning-rate warm-up over the run's first N optimiser steps (0 = none, as TRL "
-                                  "and verl).", group="training")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (TRL's default 0).", group="training")
+                                  "and verl).", group="training", min=0, max=COUNT_MAX)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (TRL's default 0).", group="training", min=0,
+                                 max=FLOAT32_MAX)
     fresh_optimizer: bool = option(False, "A new AdamW every update (no state carried from the parent version).",
                                    group="training")
     drop_zero_variance: bool = option(False, "Leave out groups whose rewards are all equal (DAPO's dynamic sampling).",
                                       group="training")
     lora_rank: int = option(0, "Train LoRA adapters of this rank on v0's frozen weights through PEFT (0 = every "
-                               "weight).", group="training")
+                               "weight).", group="training", min=0, max=65536)
     lora_alpha: float = option(16.0, "LoRA scale numerator: the adapter adds (alpha/rank)·B·A (verl's and "
-                                     "OpenRLHF's default 16).", group="training")
+                                     "OpenRLHF's default 16).", group="training", min=0,
+                                min_open=True, max=FLOAT32_MAX)
     gradient_checkpointing: bool = option(False, "Recompute transformer blocks' activations in backward (less memory, "
                                                  "more time).", group="training")
-    epochs: int = option(1, "Passes over the selected rows per update.", group="training")
-    mini_batch: int = option(512, "Completions per optimiser step.", group="training")
-    micro_batch: int = option(64, "Completions per forward/backward (gradient accumulation).", group="training")
-    grad_clip: float = option(1.0, "Max global gradient norm (0 = off).", group="training")
-    seed: int = option(0, "Random seed of the row shuffling.")
+    epochs: int = option(1, "Passes over the selected rows per update.", group="training", min=1, max=10000)
+    mini_batch: int = option(512, "Completions per optimiser step.", group="training", min=1, max=COUNT_MAX)
+    micro_batch: int = option(64, "Completions per forward/backward (gradient accumulation).", group="training", min=1,
+                              max=BATCH_MAX)
+    grad_clip: float = option(1.0, "Max global gradient norm (0 = off).", group="training", min=0, max=FLOAT32_MAX)
+    seed: int = seed_option("Random seed of the row shuffling.")
     device: str = device_option()
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
     force: bool = option(False, "Retrain version v+1 even if it exists.")
 
 
 def check_config(config: TrainConfig) -> None:
+    check_ranges(config)  # each option's declared range (--grad-clip -1, --lr nan, ...), the objective's included
     check_anchor(config.objective, config)
-    if not config.m2_budget > 0 or not config.weight_cap >= 1:
-        raise RollError(f"--m2-budget {config.m2_budget:g} --weight-cap {config.weight_cap:g}: need a budget > 0 and "
-                        f"a cap >= 1")
-    for name in ("beta", "beta1", "lr"):
-        if not getattr(config, name) > 0:
-            raise RollError(f"--{name} {getattr(config, name)}: must be > 0")
     for name in ("beta", "beta1"):  # A/β must stay inside float64 for the soft value and the Lambert solve
         if getattr(config, name) < MIN_TEMPERATURE:
             raise RollError(f"--{name} {getattr(config, name)}: must be at least {MIN_TEMPERATURE:g} "
                             f"(A/β would leave float64's range in the Lambert diagnostics)")
-    if config.lag < 0 or config.window < 1:
-        raise RollError(f"--lag {config.lag} --window {config.window}: need lag >= 0 and window >= 1")
-    if config.warmup_steps < 0 or config.weight_decay < 0:
-        raise RollError("--warmup-steps and --weight-decay must be >= 0")
-    if config.epochs < 1 or config.mini_batch < 1 or config.micro_batch < 1:
-        raise RollError("--epochs, --mini-batch and --micro-batch must be at least 1")
-    if config.lora_rank < 0 or not config.lora_alpha > 0:
-        raise RollError(f"--lora-rank {config.lora_rank} --lora-alpha {config.lora_alpha:g}: need rank >= 0 and alpha > 0")
     if config.lora_rank and config.fsdp:
         raise RollError("--lora-rank with --fsdp: LoRA trains under DDP (drop --fsdp); its adapters are small "
                         "enough not to need sharding")
@@ -159,12 +153,18 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     """The update v → v+1 itself: select, per-group targets, optimise, commit (under the update's lock)."""
     import numpy as np
 
+    from roll.memory import check_training
     from roll.policy import load_policy
 
     new_version = version + 1
     dtype = training_dtype(run_dir, version)
     lora.check(run_dir.policy_dir(version), version, adapter_settings(run_dir.policy_dir(version)), config.lora_rank,
                config.lora_alpha)
+    lo, hi = data_window(version, config.lag, config.window)
+    check_training(run_dir.policy_dir(version), dist.device(config.device),  # before prepare scores anything
+                   [path for v in range(lo, hi + 1) for path in run_dir.files("rollouts", v).values()],
+                   micro_batch=config.micro_batch, lora=config.lora_rank > 0,
+                   checkpointing=config.gradient_checkpointing, world=dist.world, sharded=config.fsdp)
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
 

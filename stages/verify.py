@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option, rollout_shard_option, versions_option
+from roll.options import FLOAT32_MAX, TIMEOUT_MAX, check_ranges, option, rollout_shard_option, versions_option
 from roll.store import Run, Shard
 
 
@@ -23,9 +23,10 @@ class VerifyConfig:
     shard: Shard = rollout_shard_option()
     verifier: str | None = option(None, "Verifier. [default: chosen from each prompt's task]", choices=("arith", "math"),
                                   show_default=False)
-    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.")
-    workers: int = option(2, "Verifier worker processes (math verifier).")
-    format_penalty: float = option(0.0, "Subtracted from the reward when no final answer is found.")
+    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.", min=0, min_open=True, max=TIMEOUT_MAX)
+    workers: int = option(2, "Verifier worker processes (math verifier).", min=1, max=1024)
+    format_penalty: float = option(0.0, "Subtracted from the reward when no final answer is found.", min=0,
+                                   max=FLOAT32_MAX)
     force: bool = option(False, "Re-verify committed shards.")
 
 def run(config: VerifyConfig) -> dict:
@@ -36,6 +37,7 @@ def run(config: VerifyConfig) -> dict:
     from roll.store import SCHEMAS, read_table
     from roll.verifiers import make_verifier, verifier_for_task
 
+    check_ranges(config)
     run_dir = Run(config.run)
     todo = run_dir.pending_shards("verdicts", run_dir.selected_versions(config.versions), config.shard, config.force)
     summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "correct": 0, "errors": 0}

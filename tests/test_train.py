@@ -143,7 +143,7 @@ def test_bad_input_gives_one_clear_line(run_dir, tmp_path):
                                                           "parent")
     assert "--shift 2: ppo has no regression baseline" in error("train", "--run", run_dir, "--objective", "ppo",
                                                                  "--shift", "2")
-    assert "need a budget > 0" in error("train", "--run", run_dir, "--objective", "m2po", "--m2-budget", "0")
+    assert "--m2-budget 0.0: must be > 0" in error("train", "--run", run_dir, "--objective", "m2po", "--m2-budget", "0")
     assert "--data-slice '3/3': the index must satisfy" in error("train", "--run", run_dir, "--data-slice", "3/3")
     assert not Run(run_dir).policy_dir(1).exists()
 
