@@ -5,11 +5,14 @@ verdicts and scores alongside), then times, in one process, alternating repeats 
 
   * `roll sql`'s per-version aggregate over every rollout row: in process (roll.store.query … fetchall,
     what the 0.2 s target is about) and as the `roll sql` command (a subprocess: mostly start-up);
+  * listing the 400 rollout files as every reader does (Run.committed_files), with the check of each file's
+    footer against its place (issue 22): what a fresh `roll sql` pays for it;
   * train's lag-window selection (the named query `window_samples` over a 4-version window) through
     roll.store.named_query_arrow, with 10 and with 100 versions of history present — the window reads
     only its own versions' files;
 
-and afterwards the same window through named_query (rows as dicts of Python objects), to show what that
+each timing without the footer checks an earlier one cached (as a fresh process; a no-op on code from before
+the checks), and afterwards the same window through named_query (rows as dicts of Python objects), to show what that
 conversion costs. Ends with a Markdown table for BENCHMARKS.md, peak RSS and the history's size on disk.
 
     python bench/sql_scale.py [--rows 10000000] [--versions 100] [--repeats 5] [--dir /tmp/roll-sql-bench]
@@ -82,9 +85,18 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
             write_table(run.shard_path("scores", version, shard), "scores", pa.table(scores, schema=SCHEMAS["scores"]))
 
 
+def uncache() -> None:
+    """Forget the footer checks this process made, as a fresh `roll sql` process starts without them."""
+    import roll.store
+
+    for name in ("_CHECKED", "_COLUMNS", "_VERDICTS"):
+        getattr(roll.store, name, {}).clear()
+
+
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
+        uncache()  # each timing starts as a fresh process would
         started = time.perf_counter()
         fn()
         out.append(time.perf_counter() - started)
@@ -179,6 +191,7 @@ def main() -> None:
         "agg": "per-version aggregate over all rows, in process (`roll.store.query(...).fetchall()`)",
         "cli": "per-version aggregate, `roll sql` subprocess wall time (process start-up included)",
         "cli1": "`roll sql \"select 1\"` subprocess wall time (start-up alone, for comparison)",
+        "files": f"list the {args.versions * 4} rollout files with their footer checks (`Run.committed_files`, nothing cached)",
         "w10": "window of 4 versions, 10 versions of history, `named_query_arrow` (Arrow table)",
         "w100": f"window of 4 versions, {args.versions} versions of history, `named_query_arrow` (Arrow table)",
         "t10": "train's `load_rows` (the window + completeness checks + columns for torch), 10 versions of history",
@@ -191,6 +204,7 @@ def main() -> None:
         results["agg"] += timed(lambda: query(big, aggregate).fetchall(), 1)
         results["cli"] += timed(cli(aggregate), 1)
         results["cli1"] += timed(cli("select 1"), 1)
+        results["files"] += timed(lambda: big.committed_files("rollouts"), 1)
         results["w10"] += timed(arrow_small, 1)
         results["w100"] += timed(arrow_big, 1)
         results["t10"] += timed(lambda: load_rows(small, hi_small - 3, hi_small), 1)
