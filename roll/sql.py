@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roll.errors import RollError
-from roll.options import option
+from roll.options import TIMEOUT_MAX, option
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class SqlConfig:
     query: str  # the SQL
     fmt: str = option("table", "Output format.", flag="--format", choices=("table", "csv", "json"))
     timeout: float = option(600.0, "Stop the query after this many seconds (one line, exit 2); 0: no limit. "
-                                   "The 10 M-row aggregate in BENCHMARKS.md takes 0.14 s.")
+                                   "The 10 M-row aggregate in BENCHMARKS.md takes 0.14 s.", min=0, max=TIMEOUT_MAX)
     memory_limit: str = option("50%", "DuckDB's memory_limit for the query: a size (4GB, 512MiB) or a share "
                                       "of the machine's memory (50%); a query that needs more stops with one line.")
 
