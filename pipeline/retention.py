@@ -13,9 +13,15 @@ version. A checkpoint is still needed, and kept, when it is
 
 Rollouts, verdicts, scores, steps, groups and evals are never deleted, nor a version's policy.json: it stays
 as the record that the version was committed (parent, objective, data versions, optimiser steps).
+
+gc runs under the run's `gc` lock (one gc at a time) and deletes each checkpoint under its own lock, deciding
+again there whether it is needed: a stage reading it (generate, train) holds that lock shared, so gc waits for
+it, and a stage that waited for gc finds the version deleted and says so. Deletion is rename, then remove
+(`Run.remove_policy`); gc first sweeps what a killed gc or writer left (`Run.sweep`).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +42,8 @@ class GcConfig:
                                        show_default=False, min=0, max=VERSION_MAX)
     dry_run: bool = option(False, "Say what would be deleted; delete nothing.")
 
-def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
-    """Policy versions on disk that must stay, each with the first reason why."""
+def needed(run: Run, keep: int, lag: int, window: int, only: int | None = None) -> dict[int, str]:
+    """Policy versions on disk that must stay (of them, only `only` when given), each with the first reason why."""
     versions = run.checkpoint_versions()
     if not versions:
         return {}
@@ -47,7 +53,7 @@ def needed(run: Run, keep: int, lag: int, window: int) -> dict[int, str]:
     evaluated = set(run.versions("evals"))
     generated = set(run.versions("rollouts"))
     reasons: dict[int, str] = {}
-    for version in versions:
+    for version in versions if only is None else [v for v in versions if v == only]:
         unscored = version in generated and bool(run.pending_shards("scores", [version], Shard(0, 1), False))
         if version == 0:
             reasons[version] = "v0 is π_ref and the run's start"
@@ -68,19 +74,35 @@ def run(config: GcConfig) -> dict:
     run_dir = Run(config.run)
     if not run_dir.exists():
         raise RollError(f"{run_dir.root}: no run here")
-    kept = needed(run_dir, config.keep, config.lag, config.window)
-    present = run_dir.checkpoint_versions()
-    if config.versions:
-        missing = [v for v in config.versions if v not in present]
-        if missing:
-            raise RollError(f"{run_dir.root}: policy version {missing[0]} does not exist; nothing deleted")
-        blocked = [v for v in config.versions if v in kept]
-        if blocked:
-            raise RollError(f"{run_dir.root}: policy v{blocked[0]:04d} is still needed ({kept[blocked[0]]}); nothing deleted")
-        doomed = sorted(config.versions)
-    else:
-        doomed = [v for v in present if v not in kept]
-    if not config.dry_run:
-        for version in doomed:
-            run_dir.remove_policy(version)
-    return {"run": str(run_dir.root), "deleted": doomed, "kept": sorted(kept), "dry_run": config.dry_run}
+    with run_dir.lock("gc", "roll gc of this run"):
+        swept = [] if config.dry_run else [str(p.relative_to(run_dir.root)) for p in run_dir.sweep()]
+        kept = needed(run_dir, config.keep, config.lag, config.window)
+        present = run_dir.checkpoint_versions()
+        if config.versions:
+            missing = [v for v in config.versions if v not in present]
+            if missing:
+                raise RollError(f"{run_dir.root}: policy version {missing[0]} does not exist; nothing deleted")
+            blocked = [v for v in config.versions if v in kept]
+            if blocked:
+                raise RollError(f"{run_dir.root}: policy v{blocked[0]:04d} is still needed ({kept[blocked[0]]}); "
+                                f"nothing deleted")
+            doomed = sorted(config.versions)
+        else:
+            doomed = [v for v in present if v not in kept]
+        deleted = doomed if config.dry_run else [v for v in doomed if collect(run_dir, v, config)]
+    return {"run": str(run_dir.root), "deleted": deleted, "kept": sorted(kept), "dry_run": config.dry_run,
+            **({"swept": swept} if swept else {})}
+
+
+def collect(run_dir: Run, version: int, config: GcConfig) -> bool:
+    """Delete one checkpoint under its lock, once no stage reads it, if it is still there and still unneeded
+    (a generate that held it may have committed rollouts that must be scored first). Whether it deleted it."""
+    with run_dir.policy_lock(version):
+        if version not in run_dir.checkpoint_versions():
+            return False
+        why = needed(run_dir, config.keep, config.lag, config.window, only=version).get(version)
+        if why:
+            print(f"roll: gc keeps v{version:04d}: {why} (changed while gc waited for it)", file=sys.stderr)
+            return False
+        run_dir.remove_policy(version)
+        return True

@@ -200,6 +200,8 @@ def adapter_base(policy_dir: str | Path) -> Path | None:
 _EXTRA_RE = re.compile(r"^extra-[A-Za-z0-9_.-]+\.parquet$")
 _VERSION_RE = re.compile(r"^version=(\d{4,})$")
 _POLICY_RE = re.compile(r"^v(\d{4,})$")
+# temporary_path's names (.NAME.HOST-PID.tmp, a host name may hold dots) of the run's checkpoints, versions and files
+_TEMPORARY_RE = re.compile(r"^\.(v\d{4,}|version=\d{4,}|.+?\.parquet)\..+\.tmp$")
 
 
 def empty_table(name: str) -> pa.Table:
@@ -301,12 +303,14 @@ def apply_umask(path: Path) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
-def write_table(path: Path, name: str, table: pa.Table) -> Path:
+def write_table(path: Path, name: str, table: pa.Table, staged: bool = False) -> Path:
     """Validate `table` against schema `name` and commit it at `path` atomically.
 
     The file is written under a hidden temporary name in the same directory, flushed to disk, then renamed:
     a reader (or a crash) sees either no file or the whole file, never half of one. An OS error (disk full,
     read-only file system, no permission) removes the temporary and becomes one line naming the path.
+    `staged`: the file is left at its temporary (returned), for the caller to rename into place once something
+    else has committed (train's metrics after their checkpoint).
     """
     path = Path(path)
     table = check_schema(table, name, path).replace_schema_metadata({PLACE_KEY: file_place(path).encode()})
@@ -318,6 +322,8 @@ def write_table(path: Path, name: str, table: pa.Table) -> Path:
             pq.write_table(table, f, row_group_size=65536)
             f.flush()
             os.fsync(f.fileno())
+        if staged:
+            return tmp
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -344,10 +350,11 @@ def stamp_generation(rollouts: pa.Table) -> pa.Table:
     return rollouts.append_column("generation_id", column)
 
 
-def os_error(exc: OSError, path: Path) -> RollError:
-    """One line for an OS error while writing `path`: what the system said and where."""
+def os_error(exc: OSError, path: Path, outcome: str = "nothing was committed") -> RollError:
+    """One line for an OS error while writing (or deleting) `path`: what the system said, where, and what it
+    left."""
     reason = exc.strerror or str(exc)
-    return RollError(f"{getattr(exc, 'filename', None) or path}: {reason} (nothing was committed)")
+    return RollError(f"{getattr(exc, 'filename', None) or path}: {reason} ({outcome})")
 
 
 def read_table(path: Path, name: str) -> pa.Table:
@@ -574,34 +581,106 @@ class Run:
 
     def remove_policy(self, version: int) -> None:
         """Delete a committed checkpoint's weights, tokenizer and optimiser state, keeping its policy.json as
-        the record that the version was committed (its steps and groups stay readable). config.json (or a LoRA
-        version's adapter_config.json) goes first, so the version stops counting as a checkpoint before anything
-        else disappears."""
+        the record that the version was committed (its steps and groups stay readable). Call it under the
+        version's `policy_lock`.
+
+        Rename, then remove: every file but policy.json is first moved into a hidden temporary directory
+        beside it (config.json, or a LoRA version's adapter_config.json, first, so the version stops counting
+        as a checkpoint before anything else moves), and the temporary is removed last. A gc killed half-way
+        leaves a temporary of a dead owner, which `sweep` (the next gc) removes, and perhaps files
+        still beside a policy.json without config.json, which it removes too. OS errors name the path."""
         directory = self.policy_dir(version)
-        names = sorted((p for p in directory.iterdir() if p.name != POLICY_META),
-                       key=lambda p: p.name not in CHECKPOINT_CONFIGS)
-        for path in names:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        tmp = temporary_path(directory)
+        try:
+            names = sorted((p for p in directory.iterdir() if p.name != POLICY_META),
+                           key=lambda p: p.name not in CHECKPOINT_CONFIGS)
+            if not names:
+                return
+            tmp.mkdir()
+            for path in names:
+                os.rename(path, tmp / path.name)
+            shutil.rmtree(tmp)
+        except OSError as exc:
+            raise os_error(exc, directory, "nothing else was deleted") from None
+
+    def sweep(self) -> list[Path]:
+        """What killed deleters and writers left (`roll gc` runs it first): hidden temporaries of a dead owner
+        under policies/ and the table directories (a renamed-away checkpoint, a pruned version, a half-written
+        shard), and anything beside the policy.json of a version that is no longer a checkpoint (a gc killed
+        between its renames). A live owner's temporary is left alone. Returns what it removed."""
+        removed = []
+        checkpoints = set(self.checkpoint_versions())
+        for version in self.policy_versions():
+            if version in checkpoints:
+                continue
+            with self.policy_lock(version):
+                leftovers = [p for p in self.policy_dir(version).iterdir() if p.name != POLICY_META]
+                if leftovers and version not in self.checkpoint_versions():
+                    self.remove_policy(version)
+                    removed += leftovers
+        bases = [self.root / "policies"] + [self.root / _GROUP.get(t, t) for t in (*SHARDED_TABLES, "steps", "evals", "ope")]
+        for base in bases:
+            entries = [e for d in ([base] + sorted(base.glob("version=*")) if base.is_dir() else []) for e in d.iterdir()]
+            for entry in entries:
+                stale = _TEMPORARY_RE.match(entry.name)
+                if not stale or _owner_alive(entry, stale.group(1)):
+                    continue
+                try:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise os_error(exc, entry, "nothing else was deleted") from None
+                removed.append(entry)
+        return removed
+
+    def remove_tree(self, path: Path) -> None:
+        """Delete a file or directory of the run by rename, then remove: it disappears from its place at once,
+        and a process killed while removing leaves a temporary of a dead owner, which `sweep` removes."""
+        tmp = temporary_path(path)
+        try:
+            os.rename(path, tmp)
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise os_error(exc, path, "nothing else was deleted") from None
+
+    def policy_lock(self, version: int, shared: bool = False):
+        """The lock of a version's checkpoint: held shared by a stage that reads it (generate samples from it,
+        train updates from it), exclusive by whatever deletes it (`roll gc`, `train --prune-descendants`), so
+        a checkpoint never disappears under a reader, and a reader that waited finds it gone and says so."""
+        return self.lock(f"policy-{version:04d}", f"the checkpoint of policy version {version}", shared=shared)
 
     @contextmanager
-    def lock(self, name: str, what: str):
+    def lock(self, name: str, what: str, shared: bool = False):
         """One writer at a time for `name` (an update v → v+1, or the commits of one table version): an
         exclusive flock on `.locks/NAME.lock` in the run, held until the block ends and released by the
-        kernel if the holder dies. A second process waits, saying once on stderr who holds it."""
+        kernel if the holder dies. A second process waits, saying once on stderr who holds it. `shared`: any
+        number of shared holders at once, none while an exclusive one holds it (readers of a checkpoint).
+        An OS error (no space for the lock file, a read-only run) is one line naming the lock file."""
         import fcntl
 
         path = self.root / ".locks" / f"{name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise os_error(exc, path) from None
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                print(f"roll: {what} is being written by {holder}; waiting for it", file=sys.stderr)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+                print(f"roll: {what} is {'in use' if shared else 'being written'} by {holder}; waiting for it",
+                      file=sys.stderr)
+                fcntl.flock(fd, mode)
+            try:  # who holds it, for the next waiter's message
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}{' (reading)' if shared else ''}\n".encode(), 0)
+            except OSError as exc:
+                raise os_error(exc, path) from None
             yield
         finally:
             os.close(fd)
@@ -642,6 +721,56 @@ class Run:
             read.update(meta.get("data_versions") or [])
             current = meta.get("parent")
         return read
+
+    def descendants(self, version: int) -> list[int]:
+        """Committed versions built on `version`'s weights: those whose chain of parents (policy.json) reaches
+        it, or breaks at a version above it that is gone (a half-done prune)."""
+        committed = set(self.policy_versions())
+        out = []
+        for candidate in (v for v in sorted(committed) if v > version):
+            current, seen = candidate, set()
+            while current is not None and current > version and current not in seen:
+                seen.add(current)
+                if current not in committed:
+                    break
+                current = policy_meta(self.policy_dir(current)).get("parent")
+            if current == version or (current is not None and current > version):
+                out.append(candidate)
+        return out
+
+    def drawn_from(self, version: int) -> list[Path]:
+        """The run's files made with `version`'s weights beside the version itself: its rollouts, verdicts and
+        scores (sampled from it), its evals, its ope files (judged under it), and other targets' ope files that
+        read its rows. Directories where the whole directory is the version's."""
+        out = [d for d in (self.version_dir(t, version) for t in (*SHARDED_TABLES, "evals", "ope")) if d.is_dir()]
+        for target in self.versions("ope") + self.versions("ope_summary"):
+            if target == version:
+                continue
+            directory = self.version_dir("ope", target)
+            out += sorted(directory.glob(f"from-{version:04d}-*.parquet"))
+            for summary in sorted(directory.glob("summary-*.parquet")):
+                lo, hi = (int(x) for x in summary.name.split("-")[1:3])
+                if lo <= version <= hi:
+                    out.append(summary)
+        return sorted(set(out))
+
+    def remove_drawn_from(self, version: int, whole: bool = False) -> list[Path]:
+        """Delete what `drawn_from(version)` lists (with `whole`, the version too: its checkpoint with policy.json,
+        and its steps and groups), each by rename then remove, under the version's checkpoint lock and its table
+        locks, so no reader or writer of them is mid-way. Returns what it deleted."""
+        removed = []
+        with self.policy_lock(version), self.lock(f"rollouts-{version:04d}", f"rollouts of version {version}"), \
+                self.lock(f"verdicts-{version:04d}", f"verdicts of version {version}"), \
+                self.lock(f"scores-{version:04d}", f"scores of version {version}"):
+            for path in self.drawn_from(version):
+                self.remove_tree(path)
+                removed.append(path)
+            if whole:  # the commit point (policy.json) first: the version stops existing before its metrics go
+                for path in (self.policy_dir(version), self.version_dir("steps", version)):
+                    if path.exists():
+                        self.remove_tree(path)
+                        removed.append(path)
+        return removed
 
     def require_policy(self, version: int) -> Path:
         """The checkpoint directory of `version`, refusing a version never committed or collected by gc."""

@@ -77,7 +77,11 @@ class TrainConfig(ObjectiveConfig):
     seed: int = seed_option("Random seed of the row shuffling.")
     device: str = device_option()
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
-    force: bool = option(False, "Retrain version v+1 even if it exists.")
+    force: bool = option(False, "Retrain version v+1 even if it exists (refused while anything was built on it or "
+                                "drawn from it; see --prune-descendants).")
+    prune_descendants: bool = option(False, "With --force: first delete the versions built on v+1 and everything "
+                                            "made with them or drawn from v+1 (rollouts, verdicts, scores, steps, "
+                                            "groups, evals, ope files), listing each.")
 
 
 def check_config(config: TrainConfig) -> None:
@@ -136,8 +140,43 @@ def run(config: TrainConfig) -> dict:
         if made:
             dist.finish()
             return {"run": str(run_dir.root), "version": new_version, "skipped": True}
-        run_dir.require_policy(version)
-        return update(run_dir, version, config, dist)
+        if dist.is_main:
+            refuse_remaking(run_dir, new_version, config)
+        # the parent's checkpoint stays while it is read: `roll gc` waits for the update (DESIGN §6)
+        with run_dir.policy_lock(version, shared=True) if dist.is_main else nullcontext():
+            from roll.policy import check_lineage
+
+            check_lineage(run_dir.require_policy(version))  # an ancestor replaced by hand: before any work
+            return update(run_dir, version, config, dist)
+
+
+def refuse_remaking(run_dir: Run, new_version: int, config: TrainConfig) -> None:
+    """Refuse to remake a version in place (--force) while versions built on its weights, or data drawn from
+    them, exist: they would go on describing weights that are gone. --prune-descendants deletes them instead,
+    just before the commit (`prune`)."""
+    if new_version not in run_dir.policy_versions():
+        return
+    descendants = run_dir.descendants(new_version)
+    drawn = sorted({p.relative_to(run_dir.root).parts[0] for p in run_dir.drawn_from(new_version)})
+    if (descendants or drawn) and not config.prune_descendants:
+        built = f"descendants {', '.join(f'v{v:04d}' for v in descendants)}" if descendants else "no descendants"
+        raise RollError(f"{run_dir.root}: policy v{new_version:04d} has {built} and "
+                        f"{'data drawn from it (' + ', '.join(drawn) + ')' if drawn else 'no data drawn from it'}; "
+                        f"--force would leave them describing weights that no longer exist: add "
+                        f"--prune-descendants to delete them, or train from the latest version")
+
+
+def prune(run_dir: Run, new_version: int) -> list[str]:
+    """Delete v+1's descendants (newest first: a version goes before its parent) with everything made from
+    them, then the data drawn from v+1, each under its locks; say each path on stderr. Returns them."""
+    removed = []
+    while descendants := run_dir.descendants(new_version):
+        removed += run_dir.remove_drawn_from(descendants[-1], whole=True)
+    removed += run_dir.remove_drawn_from(new_version)
+    listed = [str(p.relative_to(run_dir.root)) for p in removed]
+    for path in listed:
+        print(f"roll: --prune-descendants: deleted {path}", file=sys.stderr)
+    return listed
 
 
 def with_shift(config: TrainConfig) -> TrainConfig:
@@ -154,9 +193,10 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     import numpy as np
 
     from roll.memory import check_training
-    from roll.policy import load_policy
+    from roll.policy import load_policy, weights_digest
 
     new_version = version + 1
+    parent_weights = weights_digest(run_dir.policy_dir(version)) if dist.is_main else None
     dtype = training_dtype(run_dir, version)
     lora.check(run_dir.policy_dir(version), version, adapter_settings(run_dir.policy_dir(version)), config.lora_rank,
                config.lora_alpha)
@@ -198,8 +238,9 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     if weights is not None:  # FSDP: the sharded module cannot save itself; an unsharded copy can
         model, _ = load_policy(run_dir.policy_dir(version), "cpu", to_train=True)
         model.load_state_dict(weights)
-    meta = {"version": new_version, "parent": version, "objective": config.objective,
-            "hyperparameters": {k: v for k, v in asdict(config).items() if k not in ("run", "force", "device")},
+    meta = {"version": new_version, "parent": version, "parent_weights": parent_weights, "objective": config.objective,
+            "hyperparameters": {k: v for k, v in asdict(config).items()
+                                if k not in ("run", "force", "prune_descendants", "device")},
             "data_versions": data_versions, "data_window": list(data_window(version, config.lag, config.window)),
             "rows": len(rows), "optimizer_steps": len(step_records),
             # rows whose π_prox log-probs took a forward pass of the parent (0 where the parent sampled them all)
@@ -208,6 +249,7 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
             "optimizer": "fresh" if config.fresh_optimizer else (f"resumed from v{version:04d}" if resumed else "new")}
     if adapter is not None:
         meta["lora"] = lora.settings(adapter)
+    pruned = prune(run_dir, new_version) if config.force and config.prune_descendants else []
     commit(run_dir, new_version, step_records, group_records, model if adapter is None else adapter, tokenizer, meta,
            optimizer_state, dtype if adapter is None else None)
     dist.finish()
@@ -217,7 +259,8 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
             "data_versions": data_versions, "rows": len(rows), "groups": len(group_records),
             "steps": len(step_records), "global_step": meta["global_step"], "optimizer": meta["optimizer"],
             "loss": step_records[-1]["loss"], "regimes": regimes, "k_min": min(ks) if ks else None,
-            "reward_mean": float(np.mean(rows.scalars["reward"])), "seconds": round(time.perf_counter() - started, 3)}
+            "reward_mean": float(np.mean(rows.scalars["reward"])), "seconds": round(time.perf_counter() - started, 3),
+            **({"pruned": pruned} if pruned else {})}
 
 
 def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[Window, list[int]]:
@@ -628,24 +671,37 @@ def policy_logprobs(wrapped, batch_rows: list[dict], dtype: str, with_entropy: b
 def commit(run_dir: Run, new_version: int, step_records: list[dict], group_records: list[dict], model, tokenizer,
            meta: dict, optimizer_state: dict | None, dtype: str = "float32") -> None:
     """train/version=v+1/{steps,groups}, then the checkpoint with its optimiser state (policy.json last, the
-    commit point: readers see the tables only once the policy is committed)."""
+    commit point: readers see the tables only once the policy is committed).
+
+    Over a committed version (--force) the tables are written to hidden temporaries and renamed into place only
+    after the checkpoint commits: a failed update leaves the version's weights and metrics as they were, never
+    the old weights with the failed attempt's steps."""
+    import os
+
     import pyarrow as pa
 
     from roll.policy import save_policy
-    from roll.store import SCHEMAS, write_table
+    from roll.store import SCHEMAS, os_error, write_table
 
     tables = {"steps": step_records, "groups": group_records}
+    replacing = new_version in run_dir.policy_versions()
+    staged = {}
     try:
         for name, records in tables.items():
-            write_table(run_dir.train_path(name, new_version), name, pa.Table.from_pylist(records, schema=SCHEMAS[name]))
+            staged[name] = write_table(run_dir.train_path(name, new_version), name,
+                                       pa.Table.from_pylist(records, schema=SCHEMAS[name]), staged=replacing)
         save_policy(model, tokenizer, run_dir.policy_dir(new_version), meta, optimizer_state, dtype)
     except BaseException:
-        # readers ignore tables of an uncommitted version (Run.committed_files); remove them all the same —
-        # but not those of a version still committed (a failed --force keeps the old policy)
-        if new_version not in run_dir.policy_versions():
-            for name in tables:
-                run_dir.train_path(name, new_version).unlink(missing_ok=True)
+        # readers ignore tables of an uncommitted version (Run.committed_files); remove them all the same
+        if replacing or new_version not in run_dir.policy_versions():
+            for path in staged.values():
+                path.unlink(missing_ok=True)
         raise
+    for name in tables if replacing else ():
+        try:
+            os.replace(staged[name], run_dir.train_path(name, new_version))
+        except OSError as exc:
+            raise os_error(exc, run_dir.train_path(name, new_version), "the checkpoint was committed") from None
 
 
 def padded(lists: list[list[float]], mask):

@@ -61,7 +61,7 @@ def test_an_update_from_an_older_parent_resumes_that_parents_state(run_dir):
     separate_updates(run_dir, 3)
     original = weights(run_dir, 2)
     # retrain v2 from v1: it must resume v1's state (1 step), not v2's or v3's newer one
-    roll_cli("train", "--run", run_dir, "--version", 1, "--lag", 1, "--force", *STEP)
+    roll_cli("train", "--run", run_dir, "--version", 1, "--lag", 1, "--force", "--prune-descendants", *STEP)
     assert max_gap(weights(run_dir, 2), original) < 1e-6
     state = torch.load(Run(run_dir).policy_dir(2) / OPTIMIZER_STATE, weights_only=True)
     assert state["global_step"] == 2

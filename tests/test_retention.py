@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from roll.store import Run, query
 
-from conftest import roll_cli
+from conftest import roll_cli, wait_for
 
 TINY = ["--prompts", 2, "--group-size", 2, "--max-new-tokens", 8, "--mini-batch", 4]
 
@@ -67,3 +75,91 @@ def test_gc_keeps_a_checkpoint_whose_rollouts_are_not_scored_whatever_lag_it_is_
     assert out["deleted"] == [1] and r.checkpoint_versions() == [0, 2, 3, 4]
     proc = roll_cli("gc", "--run", run_dir, "--keep", 1, "--version", 2, check=False)
     assert proc.returncode == 2 and "its rollouts are not scored yet" in proc.stderr
+
+
+# Run as a program before `roll …`: an audit hook that acts at the N-th `os.rename`, `os.remove` or `os.mkdir`
+# (of a path containing a given text) the command makes: SIGKILL (a kill inside gc) or SIGSTOP (gc frozen
+# mid-way). The process, the files and the signal are real; the hook only picks a deterministic moment.
+SIGNAL_AT = """
+import os, signal, sys
+_event, _nth, _signal, _text = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
+_seen = [0]
+def _hook(event, args):
+    if event == _event and _text in str(args[0]):
+        _seen[0] += 1
+        if _seen[0] == _nth:
+            os.kill(os.getpid(), _signal)
+sys.addaudithook(_hook)
+sys.argv = ["roll"] + sys.argv[5:]
+from roll.cli import main
+main()
+"""
+
+
+def gc_with_signal(event: str, nth: int, sig: str, text: str, *args, stderr=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SIGNAL_AT, event, str(nth), sig, text, "gc", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+
+
+def leftovers(r: Run) -> list[str]:
+    """Hidden entries (temporaries) anywhere in the run but its lock files, and anything beside the policy.json
+    of a collected version."""
+    hidden = [str(p.relative_to(r.root)) for p in r.root.rglob(".*") if ".locks" not in p.parts]
+    beside = [str(p.relative_to(r.root)) for v in set(r.policy_versions()) - set(r.checkpoint_versions())
+              for p in r.policy_dir(v).iterdir() if p.name != "policy.json"]
+    return hidden + beside
+
+
+@pytest.mark.parametrize("event", ["os.rename", "os.remove"])
+def test_a_gc_killed_mid_deletion_leaves_only_what_the_next_gc_removes(run_dir, event):
+    roll_cli("iterate", "--run", run_dir, "--iterations", 4, "--eval-every", 0, *TINY)
+    r = Run(run_dir)
+    weights = sum(p.stat().st_size for p in r.policy_dir(1).iterdir())
+    # the 2nd rename moves v1's weights after its config.json; the 2nd removal deletes inside the renamed-away copy
+    proc = gc_with_signal(event, 2, "SIGKILL", "", "--run", run_dir, "--keep", 1)
+    assert proc.wait(timeout=300) == -signal.SIGKILL  # it died at that moment, not after finishing
+    assert r.policy_versions() == [0, 1, 2, 3, 4] and 1 not in r.checkpoint_versions()  # no record lost
+    left = leftovers(r)
+    assert left and sum(p.stat().st_size for p in r.root.rglob("*") if p.is_file() and
+                        str(p.relative_to(r.root)).startswith(tuple(left))) > weights / 2  # ~ v1's weights
+    out = json.loads(roll_cli("gc", "--run", run_dir, "--keep", 1).stdout)
+    assert out["deleted"] == [2, 3] and out["swept"]
+    assert leftovers(r) == [] and r.checkpoint_versions() == [0, 4] and r.policy_versions() == [0, 1, 2, 3, 4]
+    for version in (1, 2, 3):
+        assert sorted(p.name for p in r.policy_dir(version).iterdir()) == ["policy.json"]
+
+
+def test_generate_force_that_waits_for_gc_says_the_version_was_deleted_by_gc(run_dir, tmp_path):
+    roll_cli("iterate", "--run", run_dir, "--iterations", 3, "--eval-every", 0, *TINY)
+    r = Run(run_dir)
+    # gc frozen as it starts deleting v1 (making the temporary its files move into), v1 still whole
+    gc = gc_with_signal("os.mkdir", 1, "SIGSTOP", ".v0001.", "--run", run_dir, "--keep", 1, "--version", 1)
+    wait_for(lambda: gc.poll() is not None or Path(f"/proc/{gc.pid}/stat").read_text().split(") ")[1][0] == "T",
+             what="gc to stop mid-deletion")
+    assert gc.poll() is None
+    with open(tmp_path / "stderr", "w+") as stderr:
+        generate = subprocess.Popen([sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--version", "1",
+                                     "--force", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "8"],
+                                    stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        wait_for(lambda: "waiting for it" in (tmp_path / "stderr").read_text() or generate.poll() is not None,
+                 what="generate to wait for gc")
+        os.kill(gc.pid, signal.SIGCONT)
+        assert gc.wait(timeout=300) == 0 and generate.wait(timeout=300) == 2
+        lines = (tmp_path / "stderr").read_text().strip().splitlines()
+    assert "the checkpoint of policy version 1 is in use by" in lines[0] and "waiting for it" in lines[0]
+    assert len(lines) == 2 and "policy version 1 was deleted by `roll gc`" in lines[1], lines
+    assert r.checkpoint_versions() == [0, 2, 3] and leftovers(r) == []
+    assert r.versions("rollouts") == [0, 1, 2]  # v1's rollouts are as they were
+
+
+def test_an_os_error_names_the_path(run_dir):
+    roll_cli("generate", "--run", run_dir, "--prompts", 2, "--group-size", 2, "--max-new-tokens", 8)
+    before = sorted(p.name for p in Run(run_dir).version_dir("rollouts", 0).iterdir())
+    # no file may grow at all (as on a full disk): the first write is a lock file's holder line
+    proc = subprocess.run([sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--force", "--prompts", "2",
+                           "--group-size", "2", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"roll: error: {Run(run_dir).root}/.locks/") and "File too large" in lines[0]
+    assert sorted(p.name for p in Run(run_dir).version_dir("rollouts", 0).iterdir()) == before
