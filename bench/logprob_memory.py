@@ -51,7 +51,7 @@ def main() -> None:
     results = {"whole head": [], "chunked head": []}
     gaps = []
     with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             saved = {}
             for name, flag in (("whole head", "0"), ("chunked head", "1")):
                 path = Path(tmp) / f"{flag}.pt"

@@ -36,7 +36,7 @@ def run_process(command: list[str], env: dict) -> tuple[float, float]:
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    out, err = proc.stdout.read(), proc.stderr.read()
+    _, err = proc.stdout.read(), proc.stderr.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{err.decode()[-3000:]}")

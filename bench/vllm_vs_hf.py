@@ -93,9 +93,10 @@ def main(argv=None) -> None:
     for case, rows in results["cases"].items():
         for backend in ("hf", "vllm"):
             mine = [r for r in rows if r["backend"] == backend]
-            med = lambda key: statistics.median(r[key] for r in mine)
-            print(f"| {case} | {backend} | {med('tokens_per_s'):.0f} | {med('startup_seconds'):.1f} | "
-                  f"{med('wall_seconds'):.1f} | {mine[0]['tokens']} |")
+            med = {key: statistics.median(r[key] for r in mine)
+                   for key in ("tokens_per_s", "startup_seconds", "wall_seconds", "tokens")}
+            print(f"| {case} | {backend} | {med['tokens_per_s']:.0f} | {med['startup_seconds']:.1f} | "
+                  f"{med['wall_seconds']:.1f} | {med['tokens']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,6 @@ def score_args(train_args: str) -> str:
 
 def render(config: SlurmConfig) -> dict[str, str]:
     """File name → script text for the whole chain, submit.sh included."""
-    from roll.errors import RollError
-
     check_ranges(config)
     run = shlex.quote(str(config.run))
     roll = config.roll

@@ -550,11 +550,11 @@ class MathVerifier(Verifier):
         worker = self._workers[slot]
         try:
             message = worker.receive()
-        except (EOFError, OSError):  # the worker died (killed by the OS, crashed in C code, ...)
+        except (EOFError, OSError) as died:  # the worker died (killed by the OS, crashed in C code, ...)
             code = worker.exit_code()
             if not worker.ready:
                 _stop_workers(self._workers)
-                raise RollError(f"math verifier worker exited on start-up (exit code {code}); see its stderr")
+                raise RollError(f"math verifier worker exited on start-up (exit code {code}); see its stderr") from died
             self._finish(worker, extracted, verdicts, False, f"worker died (exit code {code})")
             self._replace(slot)
             return

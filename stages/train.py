@@ -24,6 +24,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from roll import lora
 from roll.errors import RollError
@@ -33,6 +34,8 @@ from roll.options import (BATCH_MAX, COUNT_MAX, FLOAT32_MAX, VERSION_MAX, check_
 from roll.store import Run, Shard, adapter_settings, data_window
 from roll.window import Window
 
+if TYPE_CHECKING:  # for an annotation only; the functions import numpy where they use it
+    import numpy as np
 
 MIN_TEMPERATURE = 1e-8  # the Lambert solve is checked down to β = 1e-8 (tests/test_lambert.py)
 

@@ -4,7 +4,6 @@ memory is checked against what the machine has (roll.memory)."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time

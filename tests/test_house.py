@@ -104,3 +104,16 @@ def test_nothing_in_the_pipeline_imports_the_experiments():
                  for name, targets in edges.items() if not name.startswith("roll.pipeline.experiments")}
     assert {n: t for n, t in offenders.items() if t} == {}
     assert {"roll.pipeline.experiments.grid", "roll.pipeline.experiments.frontier"} <= set(edges)
+
+
+def test_ruff_finds_nothing():
+    """The lint rules of pyproject.toml ([tool.ruff]) over the whole repository; `ruff check .` shows the findings."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff, "ruff is not installed: it is in the dev extra (pip install -e '.[dev]')"
+    proc = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", str(ROOT)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]

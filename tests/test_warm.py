@@ -148,7 +148,7 @@ def test_a_signal_sent_before_the_child_exists_is_passed_on_and_an_ignored_one_i
             os.close(fd)
         for signum in (signal.SIGHUP, signal.SIGTERM):
             client.send_signal(signum)
-            wait_for(lambda: delivered(signum), timeout=30, what=f"signal {signum} to be delivered")
+            wait_for(lambda: delivered(signum), timeout=30, what=f"signal {signum} to be delivered")  # noqa: B023 (called here)
         conn.sendall(b"+")  # the child exists
         assert conn.recv(1) == bytes([signal.SIGTERM])  # SIGTERM alone, SIGHUP was never queued
         conn.sendall(STATUS.pack(128 + signal.SIGTERM))  # and the child died of it

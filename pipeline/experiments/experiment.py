@@ -50,6 +50,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def fmt(mean_and_std: tuple[float, float]) -> str:
+    """"mean ± std", or the mean alone where one seed ran."""
+    mean, std = mean_and_std
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
 def interval(values: list[float]) -> str:
     """mean [95 % t-interval] of paired differences, in points."""
     mean, std = mean_std(values)
@@ -126,7 +132,6 @@ def summarise(runs, evals, steps, groups) -> str:
         regimes = groups.filter(mask).column("regime").to_pylist()
         share = {name: sum(1 for r in regimes if r.startswith(name)) / len(regimes) for name in ("pessimistic", "boundary", "optimistic")}
         shares = ["n/a"] * 3 if all(r == "n/a" for r in regimes) else [f"{100 * share[n]:.0f}%" for n in share]
-        fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if not math.isnan(ms[1]) else f"{ms[0]:.1f}"
         lines.append(f"| {key[0]} | {key[1]} | {seeds} | {fmt(points['start'])} | {fmt(points['middle'])} "
                      f"({'/'.join(map(str, mid_steps))}) | **{fmt(points['end'])}** | {fmt(pass_k)} | {entropy_end:.3f} | "
                      f"{kl:.4f} | {delta:+.3f} | {clip:.3f} | {' | '.join(shares)} |")

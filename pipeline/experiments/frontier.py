@@ -16,10 +16,9 @@ Reads every finished cell (variant-staleness-seedN with iterate.json) through th
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from roll.pipeline.experiments.experiment import band, collect, interval, mean_std, write_csvs
+from roll.pipeline.experiments.experiment import band, collect, fmt, interval, mean_std, write_csvs
 from roll.pipeline.report import collapsed
 
 VARIANTS = ("ppo", "decoupled-ppo", "m2po", "pmd-mean", "stable-pess", "stable-pess-parent", "oapl", "oapl-shift")
@@ -55,7 +54,6 @@ def summarise(runs, evals, steps) -> str:
     steps_of: dict[str, list[dict]] = {}
     for s in steps:
         steps_of.setdefault(s["cell"], []).append(s)
-    fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if not math.isnan(ms[1]) else f"{ms[0]:.1f}"
     lines = ["| variant | staleness | seeds | pass@1 step 0 | 32 | 64 | 96 | collapsed | ESS share | (log ρ)² | "
              "masked/clipped | Δ mean | KL(π_b‖π_θ) | entropy |", "|---|---|---|" + "---:|" * 11]
     for key in sorted(cells, key=lambda k: (STALENESS.index(k[1]), VARIANTS.index(k[0]))):
