@@ -14,7 +14,7 @@ from roll.sampling import sampling_logprobs, teacher_forced_logprobs
 from roll.stages.generate import GenerateConfig, run, version_prompt_ids
 from roll.store import Run, Shard, query
 
-from conftest import roll_cli, kill_once_progress_is_drawn
+from conftest import build_chat_checkpoint, roll_cli, kill_once_progress_is_drawn
 
 SMALL = dict(prompts=6, group_size=4, max_new_tokens=24)
 
@@ -232,8 +232,9 @@ def test_a_bf16_run_reproduces_its_rows_for_the_same_command(tmp_path):
 
 
 def test_backend_auto_samples_with_roll_on_the_cpu_and_vllm_arg_needs_a_vllm_backend(run_dir):
-    """auto picks vLLM only on a CUDA device (where it wins, BENCHMARKS.md); this machine's CPU gets roll's sampler,
-    the same rows as --backend hf. --vllm-arg is accepted with auto (it applies when vLLM is chosen), refused with hf."""
+    """auto picks vLLM on a CUDA device, or on the CPU for a model of 10 M parameters or more (BENCHMARKS.md);
+    the 1.8 M default on this CPU gets roll's sampler, the same rows as --backend hf. --vllm-arg is accepted with
+    auto (it applies when vLLM is chosen), refused with hf."""
     if torch.cuda.is_available():
         pytest.skip("auto picks vLLM on a CUDA device")
     summary = run(GenerateConfig(run=run_dir, backend="auto", vllm_args=("enforce_eager=true",), **SMALL))
@@ -245,3 +246,23 @@ def test_backend_auto_samples_with_roll_on_the_cpu_and_vllm_arg_needs_a_vllm_bac
     assert query(r, "select prompt_id, sample_index, token_ids, backend from rollouts order by 1, 2").fetchall() == auto_rows
     with pytest.raises(RollError, match="--vllm-arg enforce_eager=true: only with --backend vllm or auto"):
         run(GenerateConfig(run=run_dir, backend="hf", vllm_args=("enforce_eager=true",), **SMALL))
+
+
+def test_backend_auto_takes_vllm_on_the_cpu_from_ten_million_parameters_where_it_is_installed(tmp_path):
+    """The crossover read from the checkpoint's safetensors header, no weights loaded: a 2-layer Qwen2 of
+    d = 768 (over 10 M parameters) gets vLLM where vLLM is installed (the README's test environment), hf where
+    it is not."""
+    import importlib.util
+
+    from roll.memory import checkpoint_shape
+    from roll.stages.generate import AUTO_VLLM_CPU_PARAMETERS, chosen_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("auto picks vLLM on a CUDA device whatever the size")
+    big = build_chat_checkpoint(tmp_path / "qwen2", hidden_size=768)
+    small = build_chat_checkpoint(tmp_path / "small")
+    assert checkpoint_shape(big).parameters >= AUTO_VLLM_CPU_PARAMETERS > checkpoint_shape(small).parameters
+    installed = importlib.util.find_spec("vllm") is not None
+    assert chosen_backend("auto", "cpu", big) == ("vllm" if installed else "hf")
+    assert chosen_backend("auto", "cpu", small) == "hf"
+    assert chosen_backend("hf", "cpu", big) == "hf" and chosen_backend("vllm", "cpu", small) == "vllm"
