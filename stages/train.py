@@ -22,13 +22,13 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from roll import lora
 from roll.errors import RollError
-from roll.objectives import ObjectiveConfig, check_anchor, get_objective, uses_parent, uses_reference
+from roll.objectives import Objective, ObjectiveConfig, check_anchor, get_objective, uses_parent, uses_reference
 from roll.options import (BATCH_MAX, COUNT_MAX, FLOAT32_MAX, VERSION_MAX, check_ranges, device_option, option, seed_option,
                           version_option)
 from roll.store import Run, Shard, adapter_settings, data_window
@@ -222,11 +222,12 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     wrapped = dist.wrap(model)  # before the optimiser: FSDP replaces the parameters by their shards
     optimizer, global_step, resumed = resume_optimizer(model, run_dir, version, config, dist)
     stale_base = {v: steps_since(run_dir, v, version) for v in data_versions}
-    step_records, first_use = optimise(wrapped, model, optimizer, rows, advantages, config, version, new_version,
-                                       global_step, stale_base, dist, dtype, parent)
+    step_records, first_use = optimise(Update(wrapped, model, optimizer, rows, advantages, config,
+                                              get_objective(config.objective), version, global_step, stale_base,
+                                              dist, dtype, parent))
     check_finite(step_records, model, optimizer, version, dist)
-    for record in group_records:  # when each group was first used, and how far π_θ had moved from π_b by then
-        members = record.pop("members")
+    # when each group was first used, and how far π_θ had moved from π_b by then (records in rows.groups()' order)
+    for record, members in zip(group_records, rows.groups().values(), strict=True):
         record["step"] = first_use[members[0]][0]
         record["optimizer_steps"] = stale_base[record["data_version"]] + record["step"]
         record["log_ratio_mean"] = float(np.mean([first_use[i][1] for i in members]))
@@ -406,7 +407,6 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
             "induced_entropy": target.induced_entropy if target else math.nan,
             "boltzmann_entropy": target.boltzmann_entropy if target else math.nan,
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-            "members": members,
         })
     return advantages, records
 
@@ -529,9 +529,60 @@ def row_temperatures(batch_rows) -> float | list[float]:
     return temperatures[0] if len(set(temperatures)) == 1 else temperatures
 
 
-def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainConfig, version: int,
-             new_version: int, global_step: int, stale_base: dict[int, int], dist,
-             dtype: str = "float32", parent: ParentAnchor | None = None) -> tuple[list[dict], dict]:
+@dataclass
+class Update:
+    """What every optimiser step of the update v → v+1 reads."""
+
+    wrapped: object  # the model as it runs forward: itself, or its DDP/FSDP wrapper
+    model: object  # the module whose parameters the optimiser steps
+    optimizer: object
+    rows: Window
+    advantages: object  # (rows,) tensor: each row's target advantage
+    config: TrainConfig
+    objective: Objective  # looked up once, here
+    version: int  # v, the policy the update starts from
+    global_step: int  # optimiser steps taken before this update (the learning-rate schedule's clock)
+    stale_base: dict[int, int]  # behaviour version → optimiser steps between it and v
+    dist: object  # roll.distributed's process group (one process: world 1)
+    dtype: str  # the training autocast dtype
+    parent: ParentAnchor | None  # π_prox on the rows, where the objective reads it
+
+
+@dataclass
+class StepTotals:
+    """One optimiser step's diagnostics, summed over its micro-batches (and, reduced, over ranks)."""
+
+    loss: float = 0.0  # the loss, each micro-batch weighted by its share of the mini-batch
+    entropy: float = 0.0  # Σ over tokens of π_θ's entropy
+    kl: float = 0.0  # Σ k3 = ρ − 1 − log ρ, the estimator of KL(π_b‖π_θ)
+    clipped: float = 0.0  # tokens the objective clipped or masked
+    ratio: float = 0.0  # Σ ρ
+    tokens: float = 0.0
+    log_ratio_sq: float = 0.0  # Σ (log ρ)²
+    ratio_max: float = -math.inf
+    ratio_min: float = math.inf
+    deltas: list = field(default_factory=list)  # (row, signed sequence log-ratio Δ)
+
+    SUMS = ("loss", "entropy", "kl", "clipped", "ratio", "tokens", "log_ratio_sq")
+
+    def add(self, other: "StepTotals") -> None:
+        for name in self.SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.ratio_max, self.ratio_min = max(self.ratio_max, other.ratio_max), min(self.ratio_min, other.ratio_min)
+        self.deltas += other.deltas
+
+    def reduced(self, dist) -> "StepTotals":
+        """Summed over ranks (extremes: the max and min over ranks; Δs: every rank's)."""
+        import torch
+
+        sums = torch.tensor([getattr(self, name) for name in self.SUMS], dtype=torch.float64)
+        extremes = torch.tensor([-self.ratio_max, self.ratio_min], dtype=torch.float64)  # a min-reduction of both
+        sums, extremes, deltas = dist.reduce_metrics(sums, extremes, self.deltas)
+        return StepTotals(**dict(zip(self.SUMS, sums.tolist())), ratio_max=-float(extremes[0]),
+                          ratio_min=float(extremes[1]), deltas=deltas)
+
+
+def optimise(update: Update) -> tuple[list[dict], dict]:
     """epochs × mini-batches of optimiser steps. Returns one metrics record per step (reduced over ranks) and,
     per row, (the step that first used it, its signed sequence log-ratio Δ then).
 
@@ -543,111 +594,103 @@ def optimise(wrapped, model, optimizer, rows: Window, advantages, config: TrainC
 
     from roll.progress import progress_bar
 
-    model.train()
+    config, dist, rows = update.config, update.dist, update.rows
+    update.model.train()
     torch.manual_seed(config.seed)
     groups = list(rows.groups().values())
-    schedule = [mini_batches(groups, config.mini_batch, random.Random(f"{config.seed}/{version}/{epoch}"))
+    schedule = [mini_batches(groups, config.mini_batch, random.Random(f"{config.seed}/{update.version}/{epoch}"))
                 for epoch in range(config.epochs)]
     smallest = min(len(batch) for epoch in schedule for batch in epoch)
     if smallest < dist.world:  # every rank must take part in every step's collectives
         raise RollError(f"a mini-batch of {smallest} rows cannot feed {dist.world} ranks; raise --mini-batch or "
                         f"use fewer processes")
     records, first_use = [], {}
-    with progress_bar(f"train v{version}->v{new_version} {config.objective}", sum(map(len, schedule)), "steps") as advance:
+    title = f"train v{update.version}->v{update.version + 1} {config.objective}"
+    with progress_bar(title, sum(map(len, schedule)), "steps") as advance:
         for mini in (batch for epoch in schedule for batch in epoch):
             step_started = time.perf_counter()
-            lr = learning_rate(config, global_step + len(records))
-            for group in optimizer.param_groups:
+            lr = learning_rate(config, update.global_step + len(records))
+            for group in update.optimizer.param_groups:
                 group["lr"] = lr
             mini_tokens = sum(rows.length("token_ids", i) for i in mini)  # global: every rank knows all rows
             micro_batches = micro_batches_of(mini[dist.rank::dist.world], rows, config.micro_batch)
-            optimizer.zero_grad(set_to_none=True)
-            totals = torch.zeros(7, dtype=torch.float64)  # loss, entropy, kl, clip, ratio sum, tokens, (log ρ)² sum
-            extremes = torch.tensor([math.inf, math.inf], dtype=torch.float64)  # −max and min of ratios
-            deltas = []  # (row, signed sequence log-ratio Δ)
+            update.optimizer.zero_grad(set_to_none=True)
+            totals = StepTotals()
             for index, micro in enumerate(micro_batches):
-                with dist.sync_if(index == len(micro_batches) - 1, wrapped):
-                    micro_totals, micro_extremes, micro_deltas = accumulate(
-                        wrapped, rows, micro, advantages, config, dtype, share_of=(mini, mini_tokens), world=dist.world,
-                        parent=parent)
-                totals += micro_totals
-                extremes = torch.minimum(extremes, micro_extremes)
-                deltas += micro_deltas
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
-            optimizer.step()
-            totals, extremes, deltas = dist.reduce_metrics(totals, extremes, deltas)
-            for row, delta in deltas:
+                with dist.sync_if(index == len(micro_batches) - 1, update.wrapped):
+                    totals.add(accumulate(update, micro, mini, mini_tokens))
+            grad_norm = torch.nn.utils.clip_grad_norm_(update.model.parameters(),
+                                                       config.grad_clip if config.grad_clip > 0 else math.inf)
+            update.optimizer.step()
+            totals = totals.reduced(dist)
+            for row, delta in totals.deltas:
                 first_use.setdefault(row, (len(records), delta))
-            records.append(step_record(rows, mini, mini_tokens, totals, extremes, deltas, config, version,
-                                       len(records), global_step + len(records), float(grad_norm), lr, stale_base,
+            records.append(step_record(update, mini, mini_tokens, totals, len(records), float(grad_norm), lr,
                                        step_started))
             advance()
-    optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
+    update.optimizer.zero_grad(set_to_none=True)  # the gradients' memory, before the commit
     # the updated policy on the last step's first micro-batch: finite weights can still give NaN log-probs
     # (weights of 1e30 after --lr 1e30). Not under FSDP: a forward after the last step left FSDP2's gathered
     # parameters unfinished at exit ("terminate called without an active exception", seen twice in 2-rank
     # CPU runs under load); there the finite weights and AdamW state are what is checked.
-    records[-1]["probe_finite"] = True if dist.fsdp else probe_finite(wrapped, rows, micro_batches[0], dtype)
+    records[-1]["probe_finite"] = True if dist.fsdp else probe_finite(update.wrapped, rows, micro_batches[0],
+                                                                      update.dtype)
     return records, first_use
 
 
-def accumulate(wrapped, rows: Window, micro: list[int], advantages, config: TrainConfig, dtype: str,
-               share_of: tuple[list[int], int], world: int, parent: ParentAnchor | None = None):
-    """Forward and backward of one micro-batch, its loss weighted by its share of the mini-batch (of tokens or
-    of sequences, as the objective reduces) and by the world size. Returns its diagnostics: (loss share,
-    entropy, k3 KL, clipped or masked tokens, ratio sum, tokens, (log ρ)² sum), (−max ratio, min ratio),
-    [(row, Δ)]."""
+def accumulate(update: Update, micro: list[int], mini: list[int], mini_tokens: int) -> StepTotals:
+    """Forward and backward of one micro-batch, its loss weighted by its share of the mini-batch `mini` (of its
+    `mini_tokens` tokens or of its sequences, as the objective reduces) and by the world size. Returns its
+    diagnostics."""
     import torch
 
     from roll.objectives import Batch
 
-    objective = get_objective(config.objective)
-    mini, mini_tokens = share_of
-    batch_rows = [rows[i] for i in micro]
-    logprobs, mask, entropy = policy_logprobs(wrapped, batch_rows, dtype, with_entropy=True)
+    parent = update.parent
+    batch_rows = [update.rows[i] for i in micro]
+    logprobs, mask, entropy = policy_logprobs(update.wrapped, batch_rows, update.dtype, with_entropy=True)
     batch = Batch(logprobs=logprobs, behaviour_logprobs=padded([r["trainer_logprobs"] for r in batch_rows], mask),
                   ref_logprobs=padded([r["ref_logprobs"] for r in batch_rows], mask), mask=mask,
-                  advantages=advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
+                  advantages=update.advantages[micro].to(device=mask.device, dtype=logprobs.dtype))
     if parent is not None:
         batch.parent_logprobs = padded([parent.logprobs[i] for i in micro], mask)
         batch.sequence_weights = torch.as_tensor(parent.weights[micro], device=mask.device, dtype=logprobs.dtype)
-    loss, metrics = objective.loss(batch, config)
+    loss, metrics = update.objective.loss(batch, update.config)
     tokens = int(mask.sum())
-    share = tokens / mini_tokens if objective.reduction == "token" else len(micro) / len(mini)
-    (loss * share * world).backward()
+    share = tokens / mini_tokens if update.objective.reduction == "token" else len(micro) / len(mini)
+    (loss * share * update.dist.world).backward()
     with torch.no_grad():  # diagnostics of this micro-batch, token-weighted
         log_ratio = (logprobs - batch.behaviour_logprobs)[mask]
         ratio = log_ratio.exp()
-        totals = torch.tensor([loss.item() * share, float(entropy[mask].sum()), float((ratio - 1 - log_ratio).sum()),
-                               metrics["clip_fraction"] * tokens, float(ratio.sum()), tokens,
-                               float((log_ratio ** 2).sum())], dtype=torch.float64)
-        extremes = torch.tensor([-float(ratio.max()), float(ratio.min())], dtype=torch.float64)
-        deltas = list(zip(micro, ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist()))
-    return totals, extremes, deltas
+        return StepTotals(loss=loss.item() * share, entropy=float(entropy[mask].sum()),
+                          kl=float((ratio - 1 - log_ratio).sum()), clipped=metrics["clip_fraction"] * tokens,
+                          ratio=float(ratio.sum()), tokens=tokens, log_ratio_sq=float((log_ratio ** 2).sum()),
+                          ratio_max=float(ratio.max()), ratio_min=float(ratio.min()),
+                          deltas=list(zip(micro, ((logprobs - batch.behaviour_logprobs) * mask).sum(-1).tolist())))
 
 
-def step_record(rows: Window, mini: list[int], mini_tokens: int, totals, extremes, deltas, config: TrainConfig,
-                version: int, step: int, global_step: int, grad_norm: float, lr: float, stale_base: dict[int, int],
-                started: float) -> dict:
+def step_record(update: Update, mini: list[int], mini_tokens: int, totals: StepTotals, step: int, grad_norm: float,
+                lr: float, started: float) -> dict:
     """One `steps` row from a step's reduced diagnostics (token means over the whole mini-batch: rows `mini`,
     `mini_tokens` tokens)."""
     import numpy as np
 
-    behaviour_versions = rows.scalars["policy_version"]
-    log_weights = np.array([delta for _, delta in deltas])
+    version = update.version
+    behaviour_versions = update.rows.scalars["policy_version"]
+    log_weights = np.array([delta for _, delta in totals.deltas])
     w = np.exp(log_weights - log_weights.max())
     return {
-        "policy_version": version + 1, "step": step, "objective": config.objective,
-        "loss": float(totals[0]), "entropy": float(totals[1]) / mini_tokens,
-        "kl_behaviour": float(totals[2]) / mini_tokens, "clip_fraction": float(totals[3]) / mini_tokens,
+        "policy_version": version + 1, "step": step, "objective": update.config.objective,
+        "loss": totals.loss, "entropy": totals.entropy / mini_tokens,
+        "kl_behaviour": totals.kl / mini_tokens, "clip_fraction": totals.clipped / mini_tokens,
         "ess": float(w.sum() ** 2 / (w ** 2).sum() / len(w)), "grad_norm": grad_norm,
         "lr": lr, "tokens": mini_tokens, "seconds": time.perf_counter() - started,
-        "ratio_min": float(extremes[1]), "ratio_mean": float(totals[4]) / mini_tokens,
-        "ratio_max": -float(extremes[0]), "global_step": global_step,
+        "ratio_min": totals.ratio_min, "ratio_mean": totals.ratio / mini_tokens,
+        "ratio_max": totals.ratio_max, "global_step": update.global_step + step,
         "log_ratio_mean": float(log_weights.mean()),
-        "log_ratio_sq_mean": float(totals[6]) / mini_tokens,
+        "log_ratio_sq_mean": totals.log_ratio_sq / mini_tokens,
         "lag_mean": float(np.mean([version - behaviour_versions[i] for i in mini])),
-        "stale_steps_mean": float(np.mean([stale_base[behaviour_versions[i]] for i in mini])) + step,
+        "stale_steps_mean": float(np.mean([update.stale_base[behaviour_versions[i]] for i in mini])) + step,
     }
 
 
