@@ -55,6 +55,7 @@ def run(config: IterateConfig) -> dict:
     """
     from roll.objectives import uses_reference
     from roll.pipeline import retention
+    from roll.pipeline.prepare import prepare_update
     from roll.policy import keep_loaded
     from roll.progress import progress_bar
     from roll.stages import generate, score, train, verify
@@ -84,6 +85,8 @@ def run(config: IterateConfig) -> dict:
                 "verify": lambda: verify.run(verify.VerifyConfig(run=config.run, versions=tuple(range(lo, hi + 1)))),
                 "score": lambda: score.run(score.ScoreConfig(run=config.run, versions=tuple(range(lo, hi + 1)),
                                                              device=trn.device, ref=needs_ref)),
+                # apo's version-0 samples (verify and score above made the rest)
+                "prepare": lambda: prepare_update(replace(update, run=config.run, version=version)),
                 "train": lambda: train.run(replace(update, run=config.run, version=version)),
                 "evaluate": lambda: maybe_evaluate(version + 1),
                 "gc": lambda: config.keep_policies is not None and retention.run(retention.GcConfig(

@@ -200,15 +200,22 @@ def ope(run_path, **values):
 def train(run_path, nproc, **values):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
-    Runs verify and score first on selected versions that lack them.
+    Runs verify and score first on selected versions that lack them (and, for apo, samples the version-0
+    completions it reads).
 
     \b
     Example:
       roll generate && roll train --objective stable-pess
     """
+    from roll.pipeline.prepare import prepare_update
     from roll.stages.train import run as run_train
 
     root = ensure_run(run_path).root
+    config = TrainConfig(run=root, **config_values(TrainConfig, values))
+    if os.environ.get("RANK", "0") == "0":
+        # verify, score, apo's version-0 samples: in this process before torchrun starts the ranks, or under
+        # torchrun in rank 0 alone while the others wait for it in train's process-group set-up
+        prepare_update(config, world=nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
     if nproc > 1:
         import subprocess
 
@@ -220,7 +227,7 @@ def train(run_path, nproc, **values):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                    "-m", "roll", "train", *argv]
         sys.exit(subprocess.call(command, env={**os.environ, "ROLL_RUN": str(root)}))
-    summary = run_train(TrainConfig(run=root, **config_values(TrainConfig, values)))
+    summary = run_train(config)
     if summary.get("rank", 0) == 0:
         print_summary(summary)
     else:

@@ -1,7 +1,8 @@
 """train: one update v → v+1 with the chosen objective on rollouts of a chosen staleness (DESIGN §2, §3.1).
 
     select   rows of behaviour versions [v − L − W + 1, v − L] (clamped at 0) through DuckDB
-    prepare  verify and score any selected version that lacks them (said in one line each)
+    check    every selected version verified and scored (else one line naming the command: `roll train`'s
+             command line and `roll iterate` make them first, pipeline/prepare.py)
     advantage per group of G samples of one prompt, from the objective's registry entry
     optimise epochs × mini-batches of whole groups, gradient accumulation over micro-batches, AdamW resumed
              from the state committed with v (DESIGN §3.1a)
@@ -15,7 +16,6 @@ log-probs are computed at the temperature that produced each sample (no top-p, a
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import sys
@@ -195,19 +195,12 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     """The update v → v+1 itself: select, per-group targets, optimise, commit (under the update's lock)."""
     import numpy as np
 
-    from roll.memory import check_training
     from roll.policy import load_policy, weights_digest
 
     new_version = version + 1
     parent_weights = weights_digest(run_dir.policy_dir(version)) if dist.is_main else None
     dtype = training_dtype(run_dir, version)
-    lora.check(run_dir.policy_dir(version), version, adapter_settings(run_dir.policy_dir(version)), config.lora_rank,
-               config.lora_alpha)
-    lo, hi = data_window(version, config.lag, config.window)
-    check_training(run_dir.policy_dir(version), dist.device(config.device),  # before prepare scores anything
-                   [path for v in range(lo, hi + 1) for path in run_dir.files("rollouts", v).values()],
-                   micro_batch=config.micro_batch, lora=config.lora_rank > 0,
-                   checkpointing=config.gradient_checkpointing, world=dist.world, sharded=config.fsdp)
+    check_update(run_dir, version, config, dist.device(config.device), dist.world)
     rows, data_versions = select_rows(run_dir, version, config, dist)
     started = time.perf_counter()
 
@@ -267,6 +260,19 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
             **({"pruned": pruned} if pruned else {})}
 
 
+def check_update(run_dir: Run, version: int, config: TrainConfig, device: str, world: int) -> None:
+    """Refuse, before any work (pipeline/prepare.py calls it before it verifies or scores), an update that
+    cannot continue its parent's LoRA settings, or whose lag window would not fit in memory."""
+    from roll.memory import check_training
+
+    parent = run_dir.policy_dir(version)
+    lora.check(parent, version, adapter_settings(parent), config.lora_rank, config.lora_alpha)
+    lo, hi = data_window(version, config.lag, config.window)
+    check_training(parent, device, [path for v in range(lo, hi + 1) for path in run_dir.files("rollouts", v).values()],
+                   micro_batch=config.micro_batch, lora=config.lora_rank > 0,
+                   checkpointing=config.gradient_checkpointing, world=world, sharded=config.fsdp)
+
+
 def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[Window, list[int]]:
     """The lag window's samples with rewards and trainer log-probs (verified and scored first where missing).
 
@@ -283,13 +289,31 @@ def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[
         raise RollError(f"{run_dir.root}: the lag window [{lo}, {hi}] of update {version} -> {version + 1} holds no "
                         f"rollouts (have versions: {', '.join(map(str, run_dir.versions('rollouts'))) or 'none'}; "
                         f"run `roll generate --version {hi}`)")
-    if dist.is_main:  # π_ref's forward pass only when the objective reads it
-        from roll.pipeline.prepare import prepare
-
-        prepare(run_dir, data_versions, ref=uses_reference(config.objective, config))
-    dist.barrier()  # every rank reads the same committed verdicts and scores
+    check_prepared(run_dir, data_versions, config)
     rows = take_slice(load_rows(run_dir, lo, hi), config)
     return check_groups(rows, config, dist), data_versions
+
+
+def check_prepared(run_dir: Run, data_versions: list[int], config: TrainConfig) -> None:
+    """Refuse, in one line naming the command, a window with versions not verified or not scored (or scored
+    without the π_ref log-probs the objective reads): train only trains. `roll train` and `roll iterate` make
+    them first (pipeline/prepare.py)."""
+    from roll.store import named_query
+
+    def flags(versions) -> str:
+        return " ".join(f"--version {v}" for v in versions)
+
+    for table, stage in (("verdicts", "verify"), ("scores", "score")):
+        todo = sorted({v for v, _, _ in run_dir.pending_shards(table, data_versions, Shard(0, 1), False)})
+        if todo:
+            raise RollError(f"{run_dir.root}: version(s) {', '.join(map(str, todo))} of the lag window have no {table}; "
+                            f"run `roll {stage} {flags(todo)}` first (the `roll train` command does)")
+    if uses_reference(config.objective, config):
+        lacking = [r["policy_version"] for r in named_query(run_dir, "versions_without_ref", versions=data_versions)]
+        if lacking:
+            raise RollError(f"{run_dir.root}: {config.objective} reads π_ref and the scores of version(s) "
+                            f"{', '.join(map(str, lacking))} have none; run `roll score {flags(lacking)} --ref --force` "
+                            f"first (the `roll train` command does)")
 
 
 def take_slice(rows: Window, config: TrainConfig) -> Window:
@@ -384,12 +408,7 @@ def group_targets(run_dir: Run, rows: Window, version: int, config: TrainConfig,
     from roll import lambert
 
     objective = get_objective(config.objective)
-    ref_values = {}
-    if objective.value == "version0" and dist.is_main:  # rank 0 generates any missing version-0 samples, once
-        ref_values = reference_values(run_dir, rows, config)
-    dist.barrier()
-    if objective.value == "version0" and not dist.is_main:
-        ref_values = reference_values(run_dir, rows, config)
+    ref_values = reference_values(run_dir, rows, config) if objective.value == "version0" else {}
     advantages = torch.zeros(len(rows), dtype=torch.float64)
     records = []
     for (data_version, prompt_id), members in rows.groups().items():
@@ -766,9 +785,9 @@ def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, f
     """V* per prompt for an objective whose value comes from version 0 (the registry's `value`, apo's):
     β₁·log mean e^{r/β₁} over the prompt's version-0 samples.
 
-    Prompts of later versions have no version-0 samples yet: they are generated from v0 with the same
-    sampler settings and group size, stored as version-0 rollouts (file extra-apo-vNNNN), verified and
-    scored like any other, and reused by later updates.
+    Prompts of later versions have no version-0 samples of their own: `roll train` and `roll iterate` generate
+    them first (pipeline/prepare.py: from v0, with the same sampler settings and group size, stored as
+    version-0 rollouts in file extra-apo-vNNNN, verified and scored like any other, reused by later updates).
     """
     import torch
 
@@ -779,29 +798,9 @@ def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, f
     found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
     missing = sorted(set(prompt_ids) - {record["prompt_id"] for record in found})
     if missing:
-        supplement_version0(run, missing, rows, tag=f"{config.objective}-v{rows[0]['policy_version']:04d}-{len(missing)}",
-                            objective=config.objective)
-        found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
+        raise RollError(f"{run.root}: {config.objective} needs version-0 samples of {len(missing)} prompt(s) of the "
+                        f"window ({missing[0]}, ...); the `roll train` command samples them before the update")
     rewards: dict[str, list[float]] = {}
     for record in found:
         rewards.setdefault(record["prompt_id"], []).append(record["reward"])
     return {pid: float(soft_value(torch.tensor(r, dtype=torch.float64), config.beta1)) for pid, r in rewards.items()}
-
-
-def supplement_version0(run: Run, prompt_ids: list[str], rows: Window, tag: str, objective: str) -> None:
-    """Sample version-0 completions for `prompt_ids` with the sampler settings of `rows`; verify and score them."""
-    from roll.policy import load_policy, pick_device
-    from roll.rollouts import prompt_tokens, sample_rollouts
-
-    print(f"roll: {objective} needs version-0 samples of {len(prompt_ids)} prompt(s); generating them from v0", file=sys.stderr)
-    group = max(Counter(zip(rows.scalars["policy_version"], rows.scalars["prompt_id"])).values())
-    model, tokenizer = load_policy(run.policy_dir(0), pick_device("auto"))
-    table = sample_rollouts(model, tokenizer, 0, prompt_ids, prompt_tokens(run.read_prompts(), tokenizer, prompt_ids),
-                            group_size=group, max_new_tokens=rows[0]["max_new_tokens"],
-                            temperature=rows[0]["temperature"], top_p=rows[0]["top_p"],
-                            seed=int(hashlib.sha256(tag.encode()).hexdigest()[:12], 16), batch_size=256, backend="hf",
-                            description=f"generate v0 for {objective}")
-    run.commit_shard("rollouts", 0, run.extra_path("rollouts", 0, tag).name, table)
-    from roll.pipeline.prepare import prepare
-
-    prepare(run, [0])

@@ -118,6 +118,16 @@ def kill_once_progress_is_drawn(args: list, marker: str) -> None:
     assert proc.wait() == -signal.SIGKILL and drawn, f"{marker!r} drawn: {drawn}; {seen[-2000:]!r}"
 
 
+def prepare_and_train(config):
+    """What the `roll train` command does in one process: make what the update reads (verdicts, scores, apo's
+    version-0 samples: pipeline/prepare.py), then run the train stage, which only trains."""
+    from roll.pipeline.prepare import prepare_update
+    from roll.stages.train import run as train
+
+    prepare_update(config)
+    return train(config)
+
+
 def fixed_data_run(run_dir, prompts=6, group_size=4, max_new_tokens=16):
     """Version-0 rollouts, verified and scored, with a spread of rewards so every group has a gradient (the
     tiny random model never answers right; a custom reward job rewriting verdicts would do the same)."""

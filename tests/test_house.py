@@ -1,5 +1,5 @@
 """The house rules of docs/design.md that code review alone would let slip: no import circle (module-level or
-inside functions), no stage importing another stage, Slurm rendering importing no stage, no module writing
+inside functions), no stage importing another stage or the pipeline, Slurm rendering importing no stage, no module writing
 another module's globals, every "DESIGN §" reference pointing at a section of docs/design.md."""
 from __future__ import annotations
 
@@ -117,3 +117,17 @@ def test_ruff_finds_nothing():
     proc = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", str(ROOT)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def test_no_stage_imports_the_pipeline():
+    """The folders import in one direction, pipeline → stages → roll's library: a stage that needs another
+    stage's output refuses with the command to run, and the orchestration (pipeline/prepare.py) calls both."""
+    edges = graph()
+    offenders = {name: sorted(t for t in targets if t.startswith("roll.pipeline"))
+                 for name, targets in edges.items() if name.startswith("roll.stages")}
+    assert {n: t for n, t in offenders.items() if t} == {}
+    assert "roll.stages.train" in edges and "roll.pipeline.prepare" in edges
+    library = {name: sorted(t for t in targets if t.startswith(("roll.stages", "roll.pipeline")))
+               for name, targets in edges.items()
+               if not name.startswith(("roll.stages", "roll.pipeline")) and name not in ("roll.cli", "roll.__main__")}
+    assert {n: t for n, t in library.items() if t} == {}, "only the command line (roll/cli.py) reaches up"

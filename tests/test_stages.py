@@ -15,11 +15,11 @@ from roll.sampling import teacher_forced_logprobs
 from roll.stages.evaluate import EvaluateConfig, run as evaluate
 from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.score import ScoreConfig, run as score
-from roll.stages.train import TrainConfig, run as train
+from roll.stages.train import TrainConfig
 from roll.stages.verify import VerifyConfig, run as verify
 from roll.store import Run, Shard, query, write_table
 
-from conftest import roll_cli
+from conftest import roll_cli, prepare_and_train as train
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from roll.objectives import OBJECTIVES
 from roll.stages.generate import GenerateConfig, run as generate
-from roll.stages.train import TrainConfig, run as train
+from roll.stages.train import TrainConfig
 from roll.store import Run, Shard, data_window, query
 
-from conftest import fixed_data_run, roll_cli, kill_once_progress_is_drawn
+from conftest import fixed_data_run, roll_cli, kill_once_progress_is_drawn, prepare_and_train as train
 
 SMALL = dict(prompts=6, group_size=4, max_new_tokens=20)
 FAST = dict(mini_batch=12, micro_batch=12)
@@ -125,6 +125,36 @@ def test_apo_generates_missing_version0_samples_once(run_dir):
     assert query(r, "select count(*), count(reward), count(trainer_logprobs) from samples "
                     "where policy_version = 0").fetchall() == [(48, 48, 48)]
     assert any(name.startswith("extra-apo") for name in r.files("rollouts", 0))
+
+
+def test_the_train_stage_only_trains_and_names_the_command_that_makes_what_it_lacks(run_dir):
+    """Called alone (as under torchrun's other ranks, or from Python), the stage refuses a window that is not
+    verified, not scored, scored without the π_ref apo reads, or lacking apo's version-0 samples; running the
+    command each refusal names (or `roll train`, which prepares) lets the next step through."""
+    import re
+    import shlex
+
+    from roll.errors import RollError
+    from roll.stages.train import run as train_stage
+
+    generate(GenerateConfig(run=run_dir, **SMALL))
+    for missing, expected in (("verdicts", "roll verify --version 0"), ("scores", "roll score --version 0")):
+        with pytest.raises(RollError, match=f"version\\(s\\) 0 of the lag window have no {missing}; run `{expected}`"):
+            train_stage(TrainConfig(run=run_dir, objective="pmd-mean", **FAST))
+        extra = ["--no-ref"] if missing == "scores" else []  # scores without π_ref: enough for pmd-mean, not apo
+        roll_cli(*shlex.split(expected)[1:], "--run", run_dir, *extra)
+    with pytest.raises(RollError, match=r"apo reads π_ref .* run `(roll score --version 0 --ref --force)`") as refused:
+        train_stage(TrainConfig(run=run_dir, objective="apo", **FAST))
+    roll_cli(*shlex.split(re.search(r"`([^`]*)`", str(refused.value)).group(1))[1:], "--run", run_dir)
+    train_stage(TrainConfig(run=run_dir, objective="pmd-mean", **FAST))  # v1, from v0's own samples
+    generate(GenerateConfig(run=run_dir, version=1, **SMALL))  # new prompts, never sampled from v0
+    roll_cli("verify", "--run", run_dir, "--version", 1)
+    roll_cli("score", "--run", run_dir, "--version", 1)
+    with pytest.raises(RollError, match=r"apo needs version-0 samples of 6 prompt\(s\) of the window .* `roll train`"):
+        train_stage(TrainConfig(run=run_dir, objective="apo", **FAST))
+    assert Run(run_dir).policy_versions() == [0, 1]
+    roll_cli("train", "--run", run_dir, "--objective", "apo", *(f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()))
+    assert Run(run_dir).policy_versions() == [0, 1, 2]
 
 
 def test_bad_input_gives_one_clear_line(run_dir, tmp_path):
