@@ -87,10 +87,10 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
 
 def uncache() -> None:
     """Forget the footer checks this process made, as a fresh `roll sql` process starts without them."""
-    import roll.store
+    import roll.store.commit
 
     for name in ("_CHECKED", "_COLUMNS", "_VERDICTS"):
-        getattr(roll.store, name, {}).clear()
+        getattr(roll.store.commit, name).clear()
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -1,14 +1,12 @@
-"""Policies: the embedded default's tokenizer and tiny model, and loading/saving of checkpoint directories.
+"""Policies in memory: the embedded default's tokenizer and tiny model, loading a checkpoint directory as a
+model (its dtype, master weights, a LoRA version merged), the keep-loaded cache, prompts' token ids.
 
-A checkpoint is a plain `save_pretrained` directory plus `policy.json` (parent version, objective,
-hyper-parameters, data versions). `policy.json` is written last and the directory is renamed into place,
-so a version either exists whole or not at all.
+What a checkpoint directory holds on disk — `save_pretrained` files plus `policy.json`, written last inside
+one atomic directory rename, the optimiser state, the weights' digest — is the store's (roll/store/checkpoint.py).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -136,25 +134,6 @@ def _remember(path, device: str, model, tokenizer) -> None:
             _LOADED.pop(list(_LOADED)[1])
 
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-def checkpoint_dtype(path: str | Path) -> str:
-    """The dtype a checkpoint directory stores its weights in: config.json's `dtype` (`torch_dtype` in files
-    written before transformers 4.56), float32 when it says none; a LoRA version's is its base's."""
-    from roll.store import adapter_base
-
-    base = adapter_base(path)
-    if base is not None:
-        return checkpoint_dtype(base)
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "float32"
-    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
-    return dtype if dtype in DTYPES else "float32"
-
-
 def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     """Load (model, tokenizer) from a checkpoint directory (or hub id), in eval mode.
 
@@ -171,7 +150,7 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     import torch
     from transformers import AutoTokenizer
 
-    from roll.store import adapter_base
+    from roll.store import adapter_base, check_lineage
 
     key = _cache_key(path, device)
     base = adapter_base(path)
@@ -204,67 +183,6 @@ def load_policy(path: str | Path, device: str = "cpu", to_train: bool = False):
     if not to_train:
         _remember(path, device, model, tokenizer)
     return model, tokenizer
-
-
-# Weight files a checkpoint directory may hold (full weights, masters, a LoRA adapter, sharded or .bin weights).
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-# Above this size a weight file is hashed by samples (its size and 64 evenly spaced MiB), not read whole:
-# sha256 ran at ~430 MB/s here (a 15 GB checkpoint: ~35 s per load), 64 samples of a 300 MiB file took 90-200 ms,
-# and a swapped file differs in its first MiB already.
-WHOLE_HASH_LIMIT = 256 << 20
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, inode) → digest: a file replaced by hand has a new key
-
-
-def weights_digest(directory: str | Path) -> str:
-    """A content hash of a checkpoint's weight files (`policy.json` records its parent's as `parent_weights`):
-    sha256 over their names and bytes, sampled above WHOLE_HASH_LIMIT: 30-70 ms for the default model's 7.3 MB
-    (2 busy cores), once per file per process."""
-    import hashlib
-
-    total = hashlib.sha256()
-    files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(directory).glob(pattern)})
-    for path in files:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-        if key not in _DIGESTS:
-            digest = hashlib.sha256(str(stat.st_size).encode())
-            with open(path, "rb") as f:
-                if stat.st_size <= WHOLE_HASH_LIMIT:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                else:
-                    for i in range(64):
-                        f.seek(stat.st_size * i // 64)
-                        digest.update(f.read(1 << 20))
-            _DIGESTS[key] = digest.hexdigest()
-        total.update(f"{path.name}:{_DIGESTS[key]}\n".encode())
-    return "sha256:" + total.hexdigest()
-
-
-def check_lineage(path: str | Path) -> None:
-    """Refuse a run's version whose ancestors' weights are not the ones its line was trained from: each version
-    on the chain of parents (policy.json) that records `parent_weights` is checked against its parent's weight
-    files, where the parent's checkpoint is still on disk (gc deletes some). One line naming the swapped one."""
-    from roll.store import POLICY_META, Run, policy_meta
-
-    path = Path(path)
-    if not (path / POLICY_META).is_file() or path.parent.name != "policies":
-        return
-    run = Run(path.parent.parent)
-    on_disk = set(run.checkpoint_versions())
-    current, seen = policy_meta(path), set()
-    while current.get("parent") is not None and current.get("version") not in seen:
-        seen.add(current.get("version"))
-        parent = int(current["parent"])
-        recorded = current.get("parent_weights")
-        if recorded and parent in on_disk and weights_digest(run.policy_dir(parent)) != recorded:
-            raise RollError(f"{run.policy_dir(parent)}: its weights are not the ones v{current['version']:04d} was "
-                            f"trained from ({recorded[:19]}… in v{current['version']:04d}/{POLICY_META}, "
-                            f"{weights_digest(run.policy_dir(parent))[:19]}… on disk): replaced by hand? "
-                            f"{path.name} is not loaded; restore it")
-        if not (run.policy_dir(parent) / POLICY_META).is_file():
-            break
-        current = policy_meta(run.policy_dir(parent))
 
 
 def read_weights(path: str | Path, to_train: bool):
@@ -310,53 +228,14 @@ def quiet_transformers() -> None:
 
 def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: dict | None = None,
                 dtype: str | None = None) -> Path:
-    """Commit a checkpoint directory atomically: write beside it, then rename into place.
-
-    `optimizer_state` (AdamW's moments and step counts, the schedule, the global step) is written into the
-    same directory, so the weights and the state the next update resumes from appear together or not at all.
-    `dtype` (bfloat16 or float16) stores the weights in that dtype — what every stage then samples and scores
-    with — and a float32 `model`'s exact weights beside them as the master weights training resumes from; the
-    model itself is cast to `dtype` (its caller is done with it; `keep_loaded` keeps what the disk holds).
-    A PeftModel commits its adapter alone, in float32 (DESIGN §3.1c); loading the version merges it.
-    """
-    import torch
-
+    """Commit `model` as the checkpoint directory `directory` (`roll.store.commit_checkpoint`: atomically,
+    with its optimiser state, in `dtype` with float32 masters, a PeftModel as its adapter alone), then keep
+    what the disk now holds in memory under `keep_loaded`."""
     from roll.lora import is_adapter
-    from roll.store import (MASTER_WEIGHTS, OPTIMIZER_STATE, POLICY_META, apply_umask, clear_stale_temporaries,
-                            os_error, temporary_path)
+    from roll.store import commit_checkpoint
 
-    directory = Path(directory)
-    tmp = temporary_path(directory)
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        clear_stale_temporaries(directory)  # a half-written checkpoint of a committer that was killed
-        tmp.mkdir()
-        adapter = is_adapter(model)
-        target = getattr(torch, dtype) if dtype and dtype != "auto" and not adapter else None
-        if target is not None and next(model.parameters()).dtype != target:
-            from safetensors.torch import save_model
-
-            if next(model.parameters()).dtype == torch.float32:
-                save_model(model, str(tmp / MASTER_WEIGHTS))  # handles tied embeddings (one stored tensor)
-            model.to(target)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if adapter:
-            (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model card
-        tokenizer.save_pretrained(tmp)
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
-        (tmp / POLICY_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        apply_umask(tmp)  # safetensors writes its file 0600
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise os_error(exc, directory) from None
-        if "(os error " in str(exc):  # safetensors reports I/O errors as SafetensorError("… (os error 28)")
-            raise RollError(f"{directory}: {str(exc).splitlines()[0]} (nothing was committed)") from None
-        raise
+    adapter = is_adapter(model)
+    commit_checkpoint(model, tokenizer, directory, meta, optimizer_state, dtype, adapter)
     device = str(next(model.parameters()).device).replace("cuda:0", "cuda")
     if adapter:  # a LoRA version in memory is unmerged: the stages load it merged (and not an older copy)
         if _LOADED is not None:
@@ -364,23 +243,6 @@ def save_policy(model, tokenizer, directory: Path, meta: dict, optimizer_state: 
     else:
         _remember(directory, device, model, tokenizer)
     return directory
-
-
-def load_optimizer_state(directory: Path) -> dict | None:
-    """The optimiser state committed with a checkpoint, or None when it has none (v0, --fresh-optimizer)."""
-    import pickle
-
-    import torch
-
-    from roll.store import OPTIMIZER_STATE
-
-    path = Path(directory) / OPTIMIZER_STATE
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise RollError(f"{path}: optimiser state cannot be read ({str(exc).splitlines()[0]})") from None
 
 
 def encode_prompts(tokenizer, prompts: list[str], metadata: list[str]) -> list[list[int]]:

@@ -11,8 +11,7 @@ from pathlib import Path
 from roll import __version__
 from roll.errors import RollError
 from roll.options import TOKENS_MAX, check_ranges, option, seed_option
-from roll.policy import DTYPES
-from roll.store import Run, write_table
+from roll.store import DTYPES, Run, write_table
 
 DEFAULT_RUN = Path("runs") / "default"
 

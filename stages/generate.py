@@ -153,7 +153,7 @@ def start_engine(policy_dir: Path, config: GenerateConfig, max_model_len: int):
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    from roll.policy import checkpoint_dtype
+    from roll.store import checkpoint_dtype
 
     chosen = engine_options(config.vllm_args)
     defaults = dict(CPU_ENGINE_DEFAULTS) if current_platform.is_cpu() else {}

@@ -147,7 +147,7 @@ def run(config: TrainConfig) -> dict:
             refuse_remaking(run_dir, new_version, config)
         # the parent's checkpoint stays while it is read: `roll gc` waits for the update (DESIGN §6)
         with run_dir.policy_lock(version, shared=True) if dist.is_main else nullcontext():
-            from roll.policy import check_lineage
+            from roll.store import check_lineage
 
             check_lineage(run_dir.require_policy(version))  # an ancestor replaced by hand: before any work
             return update(run_dir, version, config, dist)
@@ -195,7 +195,8 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
     """The update v → v+1 itself: select, per-group targets, optimise, commit (under the update's lock)."""
     import numpy as np
 
-    from roll.policy import load_policy, weights_digest
+    from roll.policy import load_policy
+    from roll.store import weights_digest
 
     new_version = version + 1
     parent_weights = weights_digest(run_dir.policy_dir(version)) if dist.is_main else None
@@ -464,7 +465,7 @@ def training_dtype(run_dir: Run, version: int) -> str:
     did; bfloat16 trains float32 master weights under bf16 autocast — as TRL's and the HF Trainer's `bf16=True`
     do — and commits bf16 weights with the float32 masters beside them. float16 is refused: without loss
     scaling its gradients underflow, and roll does not scale losses."""
-    from roll.policy import checkpoint_dtype
+    from roll.store import checkpoint_dtype
 
     dtype = checkpoint_dtype(run_dir.policy_dir(version))
     if dtype == "float16":
@@ -500,7 +501,7 @@ def resume_optimizer(model, run_dir: Run, version: int, config: TrainConfig, dis
     """
     import torch
 
-    from roll.policy import load_optimizer_state
+    from roll.store import load_optimizer_state
 
     # no stale .grad (a model kept loaded by roll iterate has last update's): torch's loader initialises the
     # optimiser's state with one zero-gradient step, and skips that when gradients exist

@@ -56,14 +56,14 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
 # stdout, so a kill lands inside the commit on any machine, however loaded. The files and process are real.
 PAUSE_IN_COMMIT = """
 import sys, time
-import roll.store
-_apply_umask = roll.store.apply_umask
+import roll.store.checkpoint
+_apply_umask = roll.store.checkpoint.apply_umask
 def _pause_in_commit(path):
     _apply_umask(path)
     if path.is_dir() and path.name.startswith('.v') and path.name.endswith('.tmp'):  # a checkpoint's temporary
         print('in-commit', flush=True)
         time.sleep(3600)
-roll.store.apply_umask = _pause_in_commit
+roll.store.checkpoint.apply_umask = _pause_in_commit
 """
 KILL_DEADLINE_S = 300  # a hang guard: the command never reached the point to be killed at
 

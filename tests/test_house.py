@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"roll": ROOT / "roll", "roll.stages": ROOT / "stages", "roll.pipeline": ROOT / "pipeline",
-            "roll.pipeline.experiments": ROOT / "pipeline" / "experiments"}
+PACKAGES = {"roll": ROOT / "roll", "roll.store": ROOT / "roll" / "store", "roll.stages": ROOT / "stages",
+            "roll.pipeline": ROOT / "pipeline", "roll.pipeline.experiments": ROOT / "pipeline" / "experiments"}
+# packages whose __init__ is a module like any other (roll.store re-exports its rooms); the others hold a docstring
+REEXPORTING = {"roll.store"}
 
 
 def modules() -> dict[str, Path]:
@@ -21,15 +23,20 @@ def modules() -> dict[str, Path]:
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """Every roll module `name` imports, at module level or inside functions."""
+    """Every roll module `name` imports, at module level or inside functions (not under `if TYPE_CHECKING:`,
+    which never runs)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)  # a submodule imported by name
-    return {m for m in found if m in known and m != name and m not in PACKAGES}
+    return {m for m in found if m in known and m != name and (m not in PACKAGES or m in REEXPORTING)}
 
 
 def graph() -> dict[str, set[str]]:

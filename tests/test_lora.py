@@ -141,7 +141,8 @@ def test_lora_on_a_bf16_checkpoint_keeps_the_base_in_bf16_and_the_adapter_in_flo
     assert {t.dtype for t in adapter(run_dir, 1).values()} == {torch.float32}
     assert json.loads((run.policy_dir(1) / "policy.json").read_text())["dtype"] == "bfloat16"
 
-    from roll.policy import checkpoint_dtype, load_policy
+    from roll.policy import load_policy
+    from roll.store import checkpoint_dtype
 
     assert checkpoint_dtype(run.policy_dir(1)) == "bfloat16"
     merged, _ = load_policy(run.policy_dir(1))  # what generate and score use: the base's dtype
