@@ -262,11 +262,15 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
 
 
 def check_update(run_dir: Run, version: int, config: TrainConfig, device: str, world: int) -> None:
-    """Refuse, before any work (pipeline/prepare.py calls it before it verifies or scores), an update that
-    cannot continue its parent's LoRA settings, or whose lag window would not fit in memory."""
+    """Refuse, before any work (pipeline/prepare.py calls it before it verifies or scores), an update whose
+    parent's ancestors were replaced by hand, whose parent is stored in float16, that cannot continue its
+    parent's LoRA settings, or whose lag window would not fit in memory."""
     from roll.memory import check_training
+    from roll.store import check_lineage
 
-    parent = run_dir.policy_dir(version)
+    parent = run_dir.require_policy(version)
+    check_lineage(parent)
+    training_dtype(run_dir, version)
     lora.check(parent, version, adapter_settings(parent), config.lora_rank, config.lora_alpha)
     lo, hi = data_window(version, config.lag, config.window)
     check_training(parent, device, [path for v in range(lo, hi + 1) for path in run_dir.files("rollouts", v).values()],
