@@ -4,7 +4,8 @@ every `roll` command a shell script runs, so five stage commands do not pay five
 Why: a stage run as its own process spends most of its start-up importing libraries (BENCHMARKS.md, "Stages
 as separate processes"). A forked child shares the already-imported modules and nothing else: it gets the
 command's own argv, working directory, environment and terminal (stdin, stdout and stderr are passed over
-the socket as file descriptors), runs it exactly as a cold process would, and its exit status becomes the
+the socket as file descriptors) with its umask and resource limits, runs it exactly as a cold process would,
+and its exit status becomes the
 command's. The warm process runs the embedded model once, on one thread, to get past first-call costs, and
 never starts a thread pool or touches CUDA, so every child starts from a clean torch (fork and OpenMP or
 CUDA do not mix).
@@ -40,6 +41,9 @@ from roll.errors import RollError
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "HF_",
                    "TRANSFORMERS_", "TOKENIZERS_", "PYTHON", "LD_", "DUCKDB_")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# per-process resource limits (ulimit -f, -v, -n, …) a cold process would inherit from its shell
+RESOURCE_LIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_NOFILE",
+                   "RLIMIT_STACK")
 HEADER = struct.Struct("!I")  # length of the JSON request that follows
 STATUS = struct.Struct("!i")  # the child's exit status, sent back by the warm process
 
@@ -61,10 +65,25 @@ def fingerprint(env: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ client
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def resource_limits() -> dict[str, list[int]]:
+    """This process's (soft, hard) resource limits by name: a warm child takes them on, as a cold one inherits."""
+    import resource
+
+    return {name: list(resource.getrlimit(getattr(resource, name))) for name in RESOURCE_LIMITS
+            if hasattr(resource, name)}
+
+
 def run_warm(socket_path: str, argv: list[str]) -> int | None:
     """Run one command in a child of the warm process; its exit status, or None to start cold instead."""
     env = dict(os.environ)
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env, "fingerprint": fingerprint(env)}).encode()
+    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env, "fingerprint": fingerprint(env),
+                          "umask": current_umask(), "limits": resource_limits()}).encode()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The handlers go in before connecting, and hold a signal until the child exists. (Blocking the signals
     # with pthread_sigmask is not enough: it holds them in this thread only, and a library's thread would
@@ -283,6 +302,12 @@ def serve(socket_path: str, command, ready=None) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def _within(limit: int, bound: int) -> bool:
+    import resource
+
+    return bound == resource.RLIM_INFINITY or (limit != resource.RLIM_INFINITY and limit <= bound)
+
+
 def _reap(children: dict) -> None:
     while children:
         try:
@@ -316,6 +341,12 @@ def _accept(conn: socket.socket, own_fingerprint: str, set_by_imports: dict, clo
         if request["fingerprint"] != own_fingerprint:
             conn.sendall(b"-" + b"runs other roll source files, Python or import-time settings (OMP_*, HF_*, ...)")
             raise ValueError("another fingerprint")
+        own = resource_limits()
+        raised = [name for name, (_, hard) in request["limits"].items()
+                  if name in own and not _within(hard, own[name][1])]
+        if raised:  # only root may raise a hard limit: the child could not take the command's on
+            conn.sendall(b"-" + f"has a lower hard {raised[0].removeprefix('RLIMIT_')} limit".encode())
+            raise ValueError("a hard limit above the warm process's")
     except (OSError, ValueError):
         conn.close()
         for fd in fds:
@@ -349,6 +380,11 @@ def _child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: d
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(request["cwd"])
+        os.umask(request["umask"])  # the command's, not the warm process's: files get the modes a cold one gives
+        import resource
+
+        for name, (soft, hard) in request["limits"].items():
+            resource.setrlimit(getattr(resource, name), (soft, hard))
         os.environ.clear()
         os.environ.update({**set_by_imports, **request["env"]})
         sys.argv = request["argv"]

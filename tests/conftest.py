@@ -33,9 +33,43 @@ def run_dir(tmp_path, tiny_model_dir) -> Path:
     return path
 
 
-def roll_cli(*args, cwd=None, env=None, check=True, timeout=300) -> subprocess.CompletedProcess:
-    """Run the real `roll` command line in a subprocess."""
+class WarmRoll:
+    """The test worker's `roll warm` socket (set once by the `warm_roll` fixture), or None."""
+    socket: Path | None = None
+    import_time_env: dict = {}  # the import-time variables it started with: a child can only have these
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_roll(tmp_path_factory):
+    """One `roll warm` per test worker, so that `roll_cli`'s commands run in fresh forks of it — as a user's shell
+    script does with ROLL_WARM set — rather than each paying the torch/transformers import (2–4 s of a core;
+    about half of the suite's CPU time went to it). A forked child runs the command exactly as a cold process
+    would (tests/test_warm.py holds it to that). Commands that start their own processes (Popen, torchrun, kills
+    at a chosen point) start cold, as does a `roll_cli` call with `cold=True`, its own ROLL_WARM, or an
+    import-time variable of its own (OMP_*, TORCH* …), which a warm child could not honour."""
+    socket_path = tmp_path_factory.mktemp("warm") / "roll.sock"
+    server = subprocess.Popen([sys.executable, "-m", "roll", "warm", "--socket", str(socket_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: socket_path.exists() or server.poll() is not None, what="roll warm to listen")
+    from roll.warm import IMPORT_TIME_ENV
+
+    WarmRoll.socket = socket_path if server.poll() is None else None
+    WarmRoll.import_time_env = {k: v for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV)}
+    yield
+    WarmRoll.socket = None
+    server.terminate()
+    server.wait(timeout=60)
+
+
+def roll_cli(*args, cwd=None, env=None, check=True, timeout=300, cold=False) -> subprocess.CompletedProcess:
+    """Run the real `roll` command line in a subprocess (through the worker's `roll warm` unless `cold`)."""
+    from roll.warm import IMPORT_TIME_ENV
+
     full_env = {**os.environ, **(env or {})}
+    import_time = {k: v for k, v in full_env.items() if k.startswith(IMPORT_TIME_ENV)}
+    if (WarmRoll.socket is not None and not cold and "ROLL_WARM" not in full_env
+            and import_time == WarmRoll.import_time_env):
+        full_env["ROLL_WARM"] = str(WarmRoll.socket)
     proc = subprocess.run([sys.executable, "-m", "roll", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -170,3 +170,31 @@ def test_sigterm_stops_the_warm_process_and_removes_its_socket(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert not socket_path.exists()
+
+
+def test_a_warm_child_takes_the_commands_umask_and_resource_limits(tmp_path, tiny_model_dir, warm):
+    """A cold process inherits its shell's umask and ulimits; a warm child is given them. Under `ulimit -f 64`
+    (64 KiB files) generate fails in one line, "File too large", as a cold one does, and writes nothing; under
+    umask 027 its files are 0640."""
+    import resource
+
+    socket_path, log_path, _ = warm
+    env = {**os.environ, **ENV, "ROLL_WARM": str(socket_path)}
+    roll_cli("init", "--run", tmp_path / "run", "--model", tiny_model_dir, env=env)
+    big = ["-m", "roll", "generate", "--run", str(tmp_path / "run"), "--prompts", 64, "--group-size", 8]
+
+    def limited(soft: int, hard: int):
+        def apply():
+            os.umask(0o027)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        return apply
+
+    proc = subprocess.run([sys.executable, *map(str, big)], env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limited(64 << 10, 64 << 10))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("roll: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "File too large" in errors[0], proc.stderr
+    assert "starting cold" not in proc.stderr and not Run(tmp_path / "run").files("rollouts", 0)
+    proc = subprocess.run([sys.executable, *map(str, [*big[:5], "--prompts", 2, "--group-size", 2])], env=env,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited(1 << 30, 1 << 30))
+    assert proc.returncode == 0 and "starting cold" not in proc.stderr, proc.stderr
+    assert {oct(p.stat().st_mode & 0o777) for p in Run(tmp_path / "run").files("rollouts", 0).values()} == {oct(0o640)}
