@@ -112,13 +112,14 @@ def init(run_path, **values):
 @cli.command()
 @config_options(WarmstartConfig)
 def warmstart(**values):
-    """Train the embedded default model by supervised learning on solved arith problems.
+    """Train a built-in task's bundled model by supervised learning on worked solutions.
 
     Stops at a deliberately weak policy so RL has room to improve it.
 
     \b
     Example:
       roll warmstart --seed 0 --target-accuracy 0.2
+      roll warmstart --task chain
     """
     from roll.warmstart import run as run_warmstart
 

@@ -36,13 +36,14 @@ def build_default_tokenizer():
     )
 
 
-def build_default_model(tokenizer, d_model: int = 192, layers: int = 4, heads: int = 4, seed: int = 0):
-    """A GPT-2-style causal LM with random init (d=192, 4 layers: about 1.8 M parameters)."""
+def build_default_model(tokenizer, d_model: int = 192, layers: int = 4, heads: int = 4, seed: int = 0,
+                        positions: int = 128):
+    """A GPT-2-style causal LM with random init (d=192, 4 layers, 128 positions: about 1.8 M parameters)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=d_model, n_layer=layers, n_head=heads,
+        vocab_size=len(tokenizer), n_positions=positions, n_embd=d_model, n_layer=layers, n_head=heads,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )

@@ -36,12 +36,17 @@ class InitConfig:
                                         min=1, max=TOKENS_MAX)
 
 
-def default_model_dir() -> Path:
-    from roll.data import DEFAULT_MODEL_DIR
+def default_model_dir(task: str = "arith") -> Path:
+    """The bundled model a built-in task starts from: the chain model for `chain`, the embedded default else."""
+    from roll.data import CHAIN_MODEL_DIR, DEFAULT_MODEL_DIR
+    from roll.tasks import chain_steps
 
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise RollError(f"the embedded default model is missing at {DEFAULT_MODEL_DIR} (run `roll warmstart`)")
-    return DEFAULT_MODEL_DIR
+    chain = chain_steps(task) is not None
+    directory = CHAIN_MODEL_DIR if chain else DEFAULT_MODEL_DIR
+    if not (directory / "config.json").is_file():
+        raise RollError(f"the bundled {'chain' if chain else 'embedded default'} model is missing at {directory} "
+                        f"(run `roll warmstart{' --task chain' if chain else ''}`)")
+    return directory
 
 
 def _toml_value(value) -> str:
@@ -85,7 +90,7 @@ def init_run(config: InitConfig) -> dict:
     check_ranges(config)
     # an absolute path: run.toml must still name the model when read from another directory
     model_source = str(Path(config.model).resolve()) if config.model and Path(config.model).exists() else \
-        (str(config.model) if config.model else str(default_model_dir()))
+        (str(config.model) if config.model else str(default_model_dir(config.task)))
     check_checkpoint(model_source)  # weights and a real tokenizer, before the weights are read (DESIGN §6)
     model, tokenizer = load_policy(model_source)  # in the checkpoint's own dtype
     check_tokenizer(model_source, tokenizer)  # a hub id's, which check_checkpoint leaves to transformers
@@ -141,7 +146,10 @@ def check_task_fits(model_source: str, model_config, tokenizer, prompts, max_new
 def task_max_new_tokens(task: str) -> int:
     """The completion length a task's run uses unless told otherwise (roll.datasets.MAX_NEW_TOKENS)."""
     from roll.datasets import FILE_TASK_MAX_NEW_TOKENS, MAX_NEW_TOKENS
+    from roll.tasks import CHAIN_TOKENS_PER_STEP, chain_steps
 
+    if chain_steps(task) is not None:
+        return CHAIN_TOKENS_PER_STEP * chain_steps(task)
     return MAX_NEW_TOKENS.get(task, FILE_TASK_MAX_NEW_TOKENS)
 
 

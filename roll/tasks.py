@@ -10,6 +10,18 @@ own line, so a short written trace helps a small model far more than guessing th
                 14+3=17
                 answer: 17
 
+The long-chain task, `chain`, walks a state through S steps (`--task chain`, S = 8; `chain:S` for S from 2 to
+CHAIN_MAX_STEPS), each one short line that names the step, substitutes the previous state and computes the
+next, so a solution runs to about 190 tokens of the embedded character-level tokenizer at S = 8 (the
+distribution is in the design doc, §4). States stay integers in 1…99; operands are single digits:
+
+    prompt      Q: chain 7 +5 *3 -8
+    completion  s0 = 7
+                s1 = s0+5 = 7+5 = 12
+                s2 = s1*3 = 12*3 = 36
+                s3 = s2-8 = 36-8 = 28
+                answer: 28
+
 A task may also be a JSONL or Parquet file of the user's own with `prompt` (or `problem`) and `answer`
 columns; `id`/`prompt_id` is optional. As with the bundled datasets, a checkpoint with a chat template gets each
 prompt wrapped in it, as the user's turn (a row marked `"chat_template": true` is taken as wrapped already).
@@ -82,6 +94,67 @@ def extract_arith_answer(completion: str) -> str | None:
     return str(int(match.group(1))) if match else None
 
 
+CHAIN = "chain"
+CHAIN_STEPS = 8  # the default difficulty: solutions of about 190 tokens (design doc §4)
+CHAIN_MAX_STEPS = 24
+CHAIN_TRAIN_SIZE = 5000
+CHAIN_TEST_SIZE = 500
+CHAIN_LIMIT = 99  # every state stays in 1…CHAIN_LIMIT
+CHAIN_TOKENS_PER_STEP = 32  # --max-new-tokens of a chain:S run, per step: a step's line is 19–23 tokens
+
+
+def chain_steps(task: str) -> int | None:
+    """S of a task name `chain` or `chain:S`; None for any other task."""
+    name, sep, steps = task.partition(":")
+    if name != CHAIN:
+        return None
+    if not sep:
+        return CHAIN_STEPS
+    if not steps.isdigit() or not 2 <= int(steps) <= CHAIN_MAX_STEPS:
+        raise RollError(f"task '{task}': chain:S takes a number of steps S from 2 to {CHAIN_MAX_STEPS}")
+    return int(steps)
+
+
+def chain_problem(rng: random.Random, steps: int) -> tuple[str, str, str]:
+    """One chain: (prompt's operation list, worked solution, answer). Each step draws, uniformly, an operation
+    among those that keep the state in 1…CHAIN_LIMIT (+d, −d, ×d; d from 1 to 9, from 2 for ×): never 0, which
+    would make every later ×d trivial."""
+    state = rng.randint(2, 9)
+    operations, lines = [str(state)], [f"s0 = {state}"]
+    for step in range(1, steps + 1):
+        allowed = [op for op in "+-*" if {"+": state + 1 <= CHAIN_LIMIT, "-": state >= 2,
+                                          "*": 2 * state <= CHAIN_LIMIT}[op]]
+        op = rng.choice(allowed)
+        high = {"+": min(9, CHAIN_LIMIT - state), "-": min(9, state - 1), "*": min(9, CHAIN_LIMIT // state)}[op]
+        value = rng.randint(2 if op == "*" else 1, high)
+        new = {"+": state + value, "-": state - value, "*": state * value}[op]
+        operations.append(f"{op}{value}")
+        lines.append(f"s{step} = s{step - 1}{op}{value} = {state}{op}{value} = {new}")
+        state = new
+    return " ".join(operations), "\n".join(lines + [f"answer: {state}"]), str(state)
+
+
+def chain_rows(seed: int = 0, steps: int = CHAIN_STEPS) -> list[dict]:
+    """Seeded train and test splits of `steps`-step chains; no chain appears in both."""
+    rng = random.Random(f"chain/{seed}/{steps}")
+    seen: set[str] = set()
+    rows = []
+    for split, size in (("train", CHAIN_TRAIN_SIZE), ("test", CHAIN_TEST_SIZE)):
+        count = 0
+        while count < size:
+            operations, solution, answer = chain_problem(rng, steps)
+            if operations in seen:
+                continue
+            seen.add(operations)
+            rows.append({
+                "prompt_id": f"chain-{split}-{count:05d}", "task": CHAIN, "split": split,
+                "prompt": f"Q: chain {operations}\n", "answer": answer,
+                "metadata": json.dumps({"solution": solution, "operations": operations, "steps": steps}),
+            })
+            count += 1
+    return rows
+
+
 def _file_rows(path: Path, tokenizer=None) -> list[dict]:
     """Rows of a user's JSONL or Parquet task file, each checked for a prompt and an answer; with a tokenizer
     that has a chat template, each prompt becomes the user's turn in it (metadata "chat_template": true)."""
@@ -140,7 +213,7 @@ def _file_rows(path: Path, tokenizer=None) -> list[dict]:
     return rows
 
 
-TASKS = (ARITH, *DATASETS)  # the embedded default, then the bundled real datasets
+TASKS = (ARITH, CHAIN, *DATASETS)  # the built-in tasks, then the bundled real datasets
 
 
 def build_prompts(task: str, seed: int = 0, tokenizer=None) -> pa.Table:
@@ -153,6 +226,8 @@ def build_prompts(task: str, seed: int = 0, tokenizer=None) -> pa.Table:
 
     if task == ARITH:
         rows = arith_rows(seed)
+    elif chain_steps(task) is not None:
+        rows = chain_rows(seed, chain_steps(task))
     elif task in TASKS:
         rows = dataset_rows(task, tokenizer)  # fixed files: the seed has nothing to shuffle
     elif Path(task).suffix in (".jsonl", ".json", ".parquet") and Path(task).is_file():

@@ -59,7 +59,7 @@ import weakref
 from dataclasses import dataclass
 
 from roll.errors import RollError
-from roll.tasks import ARITH, extract_arith_answer
+from roll.tasks import ARITH, CHAIN, extract_arith_answer
 
 MAX_ANSWER_CHARS = 1000  # longest MATH-500 answer is 53 characters; longer "answers" are junk or attacks
 STARTUP_TIMEOUT_S = 120.0  # a spawned worker imports SymPy; slow on a loaded 2-core machine, never minutes
@@ -597,5 +597,6 @@ def make_verifier(name: str, timeout_s: float = 5.0, workers: int = 2) -> Verifi
 
 
 def verifier_for_task(task: str) -> str:
-    """The verifier a task's answers need: exact integers for arith, math-verify for everything else."""
-    return ARITH if task == ARITH else "math"
+    """The verifier a task's answers need: exact integers for the built-in arith and chain (`answer: N`),
+    math-verify for everything else."""
+    return ARITH if task.partition(":")[0] in (ARITH, CHAIN) else "math"

@@ -1,9 +1,11 @@
-"""warmstart: supervised training of the embedded default model on solved arith problems.
+"""warmstart: supervised training of a built-in task's bundled model on worked solutions.
 
-The model starts from random weights and learns the task's format and some arithmetic from worked
-solutions (loss on completion tokens only). Training stops as soon as sampled pass@1 on the test split
-reaches `target_accuracy`: a deliberately weak policy, so RL has room to improve it. The checkpoint goes
-to data/default_model/ with warmstart.json recording the command, seed and measured accuracy.
+The model (GPT-2 style, the embedded character-level tokenizer) starts from random weights and learns the
+task's format and some arithmetic from worked solutions (loss on completion tokens only). Training stops as
+soon as sampled pass@1 on the test split reaches `target_accuracy`: a deliberately weak policy, so RL has room
+to improve it. `--task arith` writes data/default_model/ (d 192, 4 layers, 128 positions), `--task chain`
+data/chain_model/ (1024 positions: chain:24's prompt and 768 new tokens fit), each with warmstart.json
+recording the command, seed and measured accuracy.
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ from roll.options import BATCH_MAX, COUNT_MAX, FLOAT32_MAX, check_ranges, option
 
 @dataclass(frozen=True)
 class WarmstartConfig:
-    out: Path | None = option(None, "Where to save the checkpoint. [default: the package's data/default_model]",
-                              show_default=False)
+    task: str = option("arith", "Built-in task: arith (the embedded default model) or chain[:S] (the chain model).")
+    out: Path | None = option(None, "Where to save the checkpoint. [default: the package's data/default_model, or "
+                              "data/chain_model for chain]", show_default=False)
+    d_model: int = option(192, "Width of the model.", min=8, max=4096)
+    layers: int = option(4, "Transformer blocks.", min=1, max=64)
     seed: int = seed_option("Random seed: model init, batch order and evaluation sampling.")
     steps: int = option(3000, "Most supervised steps to take.", min=1, max=COUNT_MAX)
     batch_size: int = option(64, "Solved examples per step.", min=1, max=BATCH_MAX)
@@ -57,7 +62,7 @@ def collate(examples, pad_id: int):
     return input_ids, labels
 
 
-def sampled_accuracy(model, tokenizer, rows: list[dict], seed: int, max_new_tokens: int = 48) -> float:
+def sampled_accuracy(model, tokenizer, rows: list[dict], seed: int, max_new_tokens: int) -> float:
     """Sampled pass@1 (T = 1, one sample per prompt) with the task's exact verifier."""
 
     from roll.sampling import sample_batch
@@ -78,18 +83,27 @@ def run(config: WarmstartConfig) -> dict:
     """Train, stop at the target accuracy (or the step limit), save; returns losses and accuracies."""
     import torch
 
-    from roll.data import DEFAULT_MODEL_DIR
+    from roll.data import CHAIN_MODEL_DIR, DEFAULT_MODEL_DIR
+    from roll.errors import RollError
     from roll.policy import build_default_model, build_default_tokenizer
     from roll.progress import progress_bar
-    from roll.tasks import arith_rows
+    from roll.runs import task_max_new_tokens
+    from roll.tasks import ARITH, arith_rows, chain_rows, chain_steps
 
     check_ranges(config)
-    out = Path(config.out or DEFAULT_MODEL_DIR)
-    rows = arith_rows(seed=0)
+    steps = chain_steps(config.task)
+    if config.task != ARITH and steps is None:
+        raise RollError(f"--task {config.task}: warmstart trains the built-in tasks' models: arith or chain[:S]")
+    if config.d_model % 4:
+        raise RollError(f"--d-model {config.d_model}: must be a multiple of the 4 attention heads")
+    out = Path(config.out or (DEFAULT_MODEL_DIR if steps is None else CHAIN_MODEL_DIR))
+    rows = arith_rows(seed=0) if steps is None else chain_rows(seed=0, steps=steps)
     train = [r for r in rows if r["split"] == "train"]
     test = [r for r in rows if r["split"] == "test"][: config.eval_prompts]
+    max_new_tokens = task_max_new_tokens(config.task)
     tokenizer = build_default_tokenizer()
-    model = build_default_model(tokenizer, seed=config.seed)
+    model = build_default_model(tokenizer, d_model=config.d_model, layers=config.layers, seed=config.seed,
+                                positions=128 if steps is None else 1024)
     model.train()
     examples = solved_examples(tokenizer, train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
@@ -110,7 +124,7 @@ def run(config: WarmstartConfig) -> dict:
             losses.append(loss.item())
             advance()
             if config.eval_every and step % config.eval_every == 0:
-                accuracy = sampled_accuracy(model, tokenizer, test, seed=config.seed)
+                accuracy = sampled_accuracy(model, tokenizer, test, seed=config.seed, max_new_tokens=max_new_tokens)
                 evaluations.append({"step": step, "loss": losses[-1], "sampled_pass@1": accuracy})
                 print(f"step {step}: loss {losses[-1]:.4f}, sampled pass@1 {accuracy:.3f}", file=sys.stderr, flush=True)
                 if accuracy >= config.target_accuracy:
