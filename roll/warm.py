@@ -376,6 +376,12 @@ def _child(conn: socket.socket, request: dict, fds: list[int], set_by_imports: d
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.setsid()  # its own process group: a signal for one command reaches no other
+        # torch's thread pool is left corrupt by fork and rebuilt by the first thread that sets a thread count;
+        # threads that start at once (transformers' loaders, autograd's) raced to rebuild it, and one got none
+        # ("Invalid thread pool!", once in a CI run): rebuild it here, while this is the only thread
+        import torch
+
+        torch.set_num_threads(torch.get_num_threads())
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)
             os.close(fd)

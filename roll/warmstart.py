@@ -102,8 +102,10 @@ def run(config: WarmstartConfig) -> dict:
     test = [r for r in rows if r["split"] == "test"][: config.eval_prompts]
     max_new_tokens = task_max_new_tokens(config.task)
     tokenizer = build_default_tokenizer()
+    if steps is not None:
+        tokenizer.model_max_length = 1024  # the chain model's context, saved with its tokenizer
     model = build_default_model(tokenizer, d_model=config.d_model, layers=config.layers, seed=config.seed,
-                                positions=128 if steps is None else 1024)
+                                positions=tokenizer.model_max_length)
     model.train()
     examples = solved_examples(tokenizer, train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
