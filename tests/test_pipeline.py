@@ -146,3 +146,22 @@ def test_a_run_has_collapsed_when_its_final_pass1_falls_more_than_two_standard_e
     assert collapsed([first, {"pass1": 0.40}, {"pass1": 0.2599}])
     assert not collapsed([first, {"pass1": 0.10}, {"pass1": 0.2601}])  # judged on the final evaluation
     assert not collapsed([first])
+
+
+def test_the_chain_task_runs_two_iterations_from_its_bundled_model(tmp_path):
+    """`roll init --task chain && roll iterate --iterations 2` (at a small scale): the run starts from
+    data/chain_model, records 256 new tokens (32 per step at S = 8), the exact verifier judges `answer: N`, and
+    the bundled model writes step lines (it was trained on them) that run past the arith task's 48 tokens."""
+    import tomllib
+
+    run = tmp_path / "run"
+    roll_cli("init", "--run", run, "--task", "chain")
+    config = tomllib.loads((run / "run.toml").read_text())
+    assert config["max_new_tokens"] == 256 and config["model"].endswith("chain_model")
+    summary = json.loads(roll_cli("iterate", "--run", run, "--iterations", 2, "--prompts", 4, "--group-size", 2,
+                                  "--eval-every", 0, timeout=900).stdout)
+    assert summary["versions"] == 2 and Run(run).policy_versions() == [0, 1, 2]
+    rows = query(Run(run), "select max_new_tokens, len(token_ids) as n, completion, reward, verifier "
+                           "from samples where policy_version = 0").fetchall()
+    assert {r[0] for r in rows} == {256} and {r[4] for r in rows} == {"arith arith 1"}
+    assert sum(r[1] for r in rows) / len(rows) > 100 and all(r[2].startswith("s0 = ") for r in rows)
