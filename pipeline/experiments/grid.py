@@ -87,6 +87,28 @@ def frontier_options(variant: str, staleness: str) -> list[str]:
     return [*VARIANTS[variant], *FRONTIER_COMMON, *FRONTIER_STALENESS[staleness]]
 
 
+# The chain grid (issue 24; EXPERIMENTS.md, "Long chains"): ~185-token completions, sized from a measured
+# 15.2 s an update at 16 prompts × 8 on one thread; lag 32 against lag 0, the frontier's two furthest-apart
+# variants at lag32 beside ppo and stable-pess (the lag-0 equals are not rerun: tested equal)
+CHAIN_VARIANTS = ("ppo", "stable-pess", "stable-pess-parent", "decoupled-ppo")
+CHAIN_STEPS = 64
+CHAIN_COMMON = ["--iterations", str(CHAIN_STEPS), "--eval-every", str(CHAIN_STEPS // 2), "--prompts", "16",
+                "--micro-batch", "128"]
+
+
+def chain_cells(seeds=(0, 1, 2)) -> list[tuple[str, str, int]]:
+    """(variant, staleness, seed), staleness-major as the frontier: every seed of lag32, then lag0."""
+    out = []
+    for staleness in ("lag32", "lag0"):
+        for seed in seeds:
+            out += [(v, staleness, seed) for v in CHAIN_VARIANTS if not (staleness == "lag0" and v in EQUAL_AT_LAG0)]
+    return out
+
+
+def chain_options(variant: str, staleness: str) -> list[str]:
+    return [*VARIANTS[variant], *CHAIN_COMMON, *FRONTIER_STALENESS[staleness]]
+
+
 def cells(seeds=(0, 1, 2)) -> list[tuple[str, str, int]]:
     """(objective, staleness, seed), seed-major; lag 4 last (the issue's 'if time allows')."""
     out = []
@@ -105,10 +127,13 @@ def staleness_options(objective: str, staleness: str) -> list[str]:
     return ["--objective", objective, *STALENESS[staleness]]
 
 
-GRIDS = {"staleness": (cells, staleness_options), "frontier": (frontier_cells, frontier_options)}
+# grid → (its cells, a cell's `roll iterate` options, its `roll init` options)
+GRIDS = {"staleness": (cells, staleness_options, []), "frontier": (frontier_cells, frontier_options, []),
+         "chain": (chain_cells, chain_options, ["--task", "chain"])}
 
 
-def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int, options=staleness_options) -> dict:
+def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int, options=staleness_options,
+             init_options=()) -> dict:
     run = out / cell_name(objective, staleness, seed)
     done = run / "iterate.json"
     if done.is_file():
@@ -120,7 +145,8 @@ def run_cell(out: Path, objective: str, staleness: str, seed: int, threads: int,
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as err:
         if not (run / "run.toml").is_file():
-            subprocess.run([*roll, "init", "--run", str(run)], env=env, check=True, stdout=subprocess.DEVNULL, stderr=err)
+            subprocess.run([*roll, "init", "--run", str(run), *init_options], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=err)
         proc = subprocess.run([*roll, "iterate", "--run", str(run), "--seed", str(seed), "--keep-policies", "1",
                                *options(objective, staleness)],
                               env=env, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -142,13 +168,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", action="append", default=None, help="run only this cell (repeatable)")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="staleness")
     args = parser.parse_args(argv)
-    make_cells, options = GRIDS[args.grid]
+    make_cells, options, init_options = GRIDS[args.grid]
     todo = make_cells(tuple(int(s) for s in args.seeds.split(",")))
     if args.only:
         todo = [c for c in todo if cell_name(*c) in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        for result in pool.map(lambda c: run_cell(args.out, *c, args.threads, options), todo):
+        for result in pool.map(lambda c: run_cell(args.out, *c, args.threads, options, init_options), todo):
             print(json.dumps(result), flush=True)
 
 
