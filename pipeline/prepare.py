@@ -24,8 +24,8 @@ def prepare_update(config: TrainConfig, world: int = 1) -> None:
     to run."""
     from roll.objectives import get_objective, uses_reference
     from roll.policy import pick_device
-    from roll.stages.train import check_config, check_update, load_rows, take_slice
-    from roll.store import data_window, named_query
+    from roll.stages.train import check_config, check_update, load_rows, take_slice, version0_rewards
+    from roll.store import data_window
 
     check_config(config)
     run = Run(config.run)
@@ -39,9 +39,7 @@ def prepare_update(config: TrainConfig, world: int = 1) -> None:
     if get_objective(config.objective).value != "version0":
         return
     rows = take_slice(load_rows(run, lo, hi), config)
-    prompt_ids = sorted(set(rows.scalars["prompt_id"]))
-    found = {record["prompt_id"] for record in named_query(run, "version0_rewards", prompt_ids=prompt_ids)}
-    missing = sorted(set(prompt_ids) - found)
+    _, missing = version0_rewards(run, rows)
     if missing:
         tag = f"{config.objective}-v{rows[0]['policy_version']:04d}-{len(missing)}"
         supplement_version0(run, missing, rows, tag, config.objective)
@@ -53,10 +51,10 @@ def prepare(run: Run, versions: list[int], ref: bool = True) -> None:
     With `ref`, scores must hold π_ref's log-probs: versions scored without them (`--no-ref`) are re-scored.
     """
     from roll.stages import score, verify
-    from roll.store import Shard, named_query
+    from roll.store import named_query
 
     for table, stage, config in (("verdicts", verify, verify.VerifyConfig), ("scores", score, score.ScoreConfig)):
-        todo = sorted({v for v, _, _ in run.pending_shards(table, versions, Shard(0, 1), False)})
+        todo = run.versions_pending(table, versions)
         if todo:
             print(f"roll: {table} missing for version(s) {', '.join(map(str, todo))}; running {stage.__name__.split('.')[-1]}",
                   file=sys.stderr)

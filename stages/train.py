@@ -309,7 +309,7 @@ def check_prepared(run_dir: Run, data_versions: list[int], config: TrainConfig) 
         return " ".join(f"--version {v}" for v in versions)
 
     for table, stage in (("verdicts", "verify"), ("scores", "score")):
-        todo = sorted({v for v, _, _ in run_dir.pending_shards(table, data_versions, Shard(0, 1), False)})
+        todo = run_dir.versions_pending(table, data_versions)
         if todo:
             raise RollError(f"{run_dir.root}: version(s) {', '.join(map(str, todo))} of the lag window have no {table}; "
                             f"run `roll {stage} {flags(todo)}` first (the `roll train` command does)")
@@ -786,6 +786,15 @@ def padded(lists: list[list[float]], mask):
     return out
 
 
+def version0_rewards(run: Run, rows: Window) -> tuple[list[dict], list[str]]:
+    """The version-0 (prompt_id, reward) records of the prompts in `rows`, and the prompt ids that have none."""
+    from roll.store import named_query
+
+    prompt_ids = sorted(set(rows.scalars["prompt_id"]))
+    found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
+    return found, sorted(set(prompt_ids) - {record["prompt_id"] for record in found})
+
+
 def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, float]:
     """V* per prompt for an objective whose value comes from version 0 (the registry's `value`, apo's):
     β₁·log mean e^{r/β₁} over the prompt's version-0 samples.
@@ -797,11 +806,8 @@ def reference_values(run: Run, rows: Window, config: TrainConfig) -> dict[str, f
     import torch
 
     from roll.objectives import soft_value
-    from roll.store import named_query
 
-    prompt_ids = sorted(set(rows.scalars["prompt_id"]))
-    found = named_query(run, "version0_rewards", prompt_ids=prompt_ids)
-    missing = sorted(set(prompt_ids) - {record["prompt_id"] for record in found})
+    found, missing = version0_rewards(run, rows)
     if missing:
         raise RollError(f"{run.root}: {config.objective} needs version-0 samples of {len(missing)} prompt(s) of the "
                         f"window ({missing[0]}, ...); the `roll train` command samples them before the update")

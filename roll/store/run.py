@@ -333,6 +333,11 @@ class Run:
                     todo.append((version, name, path))
         return todo
 
+    def versions_pending(self, table: str, versions) -> list[int]:
+        """The versions among `versions` with a rollout file whose `table` mirror (verdicts, scores) is missing
+        or stale."""
+        return sorted({v for v, _, _ in self.pending_shards(table, versions, Shard(0, 1), False)})
+
     def selected_versions(self, versions) -> list[int]:
         """`versions` (every version with rollouts when None), each checked to have rollouts."""
         have = self.versions("rollouts")
