@@ -105,6 +105,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+# Columns added after files of their table were first written, with the value an older file's rows read as:
+# a run made by an earlier roll stays readable (and `roll sql` shows NULL there, DuckDB's union by name).
+ADDED_COLUMNS: dict[str, dict[str, object]] = {}
+
 # Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.
 FINITE_COLUMNS = {"verdicts": ("reward",)}
 
@@ -127,6 +131,10 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
     of another type, or a null in a column that may not hold one is refused.
     """
     schema = SCHEMAS[name]
+    for column_name, value in ADDED_COLUMNS.get(name, {}).items():
+        if column_name not in table.column_names:
+            field = schema.field(column_name)
+            table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
     for field in schema:
         problem = _field_problem(table.schema, field, name)
         if problem:
@@ -152,6 +160,8 @@ def schema_problem(schema: pa.Schema, name: str) -> str | None:
 
 def _field_problem(schema: pa.Schema, field: pa.Field, name: str) -> str | None:
     index = schema.get_field_index(field.name)
+    if index < 0 and field.name in ADDED_COLUMNS.get(name, {}):
+        return None
     if index < 0:
         return f"{name} table has no column '{field.name}' (expected {field.type})"
     if not schema.field(index).type.equals(field.type):
