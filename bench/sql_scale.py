@@ -67,6 +67,7 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
                 "max_new_tokens": pa.array(np.full(n, 48), pa.int64()), "temperature": pa.array(np.ones(n)),
                 "top_p": pa.array(np.ones(n)), "seed": pa.array(np.full(n, 7), pa.int64()), "backend": pa.array(["hf"] * n),
                 "generation_id": pa.array([f"g{version}"] * n),
+                "model_version": pa.array(np.full(n, version), pa.int64()), "source": pa.array(["generate"] * n),
             }
             write_table(run.shard_path("rollouts", version, shard), "rollouts", pa.table(rollouts, schema=SCHEMAS["rollouts"]))
             correct = rng.random(n) < 0.3
@@ -81,7 +82,8 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
                       "trainer_logprobs": list_column(rng, lengths, np.float32, lambda r, k: -r.exponential(0.3, k)),
                       "ref_logprobs": list_column(rng, lengths, np.float32, lambda r, k: -r.exponential(0.3, k)),
                       "group_size": pa.array(np.full(n, 8), pa.int64()), "group_reward_mean": zeros, "group_reward_std": zeros,
-                      "generation_id": pa.array([f"g{version}"] * n)}
+                      "generation_id": pa.array([f"g{version}"] * n),
+                      "behaviour_checkpoint": pa.array(np.full(n, version), pa.int64())}
             write_table(run.shard_path("scores", version, shard), "scores", pa.table(scores, schema=SCHEMAS["scores"]))
 
 

@@ -25,6 +25,7 @@ from roll.runs import InitConfig, default_run_path, ensure_run
 from roll.sql import SqlConfig
 from roll.stages.evaluate import EvaluateConfig
 from roll.stages.generate import GenerateConfig
+from roll.stages.ingest import ImportConfig
 from roll.stages.ope import OpeConfig
 from roll.stages.score import ScoreConfig
 from roll.stages.train import TrainConfig
@@ -173,6 +174,25 @@ def score(run_path, **values):
     from roll.stages.score import run as run_score
 
     print_summary(run_score(ScoreConfig(run=ensure_run(run_path).root, **config_values(ScoreConfig, values))))
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@run_option
+@config_options(ImportConfig)
+def import_(file, run_path, **values):
+    """Import rollouts generated elsewhere (JSONL or Parquet) as version V's rollouts, and verdicts where the
+    rows carry rewards. Every row is checked first; a bad row is one line naming the file, row and column.
+
+    \b
+    Example:
+      roll sql --format jsonl "select prompt_id, token_ids, behaviour_logprobs, reward from samples" > rows.jsonl
+      roll init --run other && roll import rows.jsonl --run other --version 0 && roll train --run other
+    """
+    from roll.stages.ingest import run as run_import
+
+    print_summary(run_import(ImportConfig(file=file, run=existing_run(run_path).root,
+                                          **config_values(ImportConfig, values))))
 
 
 @cli.command()

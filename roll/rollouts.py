@@ -16,7 +16,8 @@ def rollout_row(version: int, prompt_id: str, sample_index: int, prompt_token_id
         "prompt_token_ids": prompt_token_ids, "token_ids": sample.token_ids, "behaviour_logprobs": sample.logprobs,
         "num_tokens": len(sample.token_ids), "finish_reason": sample.finish_reason,
         "stop_token_id": sample.stop_token_id, "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "top_p": top_p, "seed": seed, "backend": backend, "generation_id": "",
+        "top_p": top_p, "seed": seed, "backend": backend, "generation_id": "", "model_version": version,
+        "source": "generate",
     }
 
 

@@ -16,7 +16,8 @@ from roll.options import TIMEOUT_MAX, option
 class SqlConfig:
     run: Path  # an existing run directory
     query: str  # the SQL
-    fmt: str = option("table", "Output format.", flag="--format", choices=("table", "csv", "json"))
+    fmt: str = option("table", "Output format: jsonl writes one object per row, the form `roll import` reads back.",
+                      flag="--format", choices=("table", "csv", "json", "jsonl"))
     timeout: float = option(600.0, "Stop the query after this many seconds (one line, exit 2); 0: no limit. "
                                    "The 10 M-row aggregate in BENCHMARKS.md takes 0.14 s.", min=0, max=TIMEOUT_MAX)
     memory_limit: str = option("50%", "DuckDB's memory_limit for the query: a size (4GB, 512MiB) or a share "
@@ -51,6 +52,9 @@ def print_result(cursor, fmt: str = "table") -> None:
     elif fmt == "json":
         json.dump([{n: _plain(v) for n, v in zip(names, row)} for row in rows], sys.stdout)
         sys.stdout.write("\n")
+    elif fmt == "jsonl":  # floats print as the shortest repr that reads back to the same double: lossless
+        for row in rows:
+            sys.stdout.write(json.dumps({n: _plain(v) for n, v in zip(names, row)}) + "\n")
     else:
         from rich.console import Console
         from rich.table import Table

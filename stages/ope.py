@@ -98,6 +98,10 @@ def weigh(model, run_dir: Run, version: int, data_version: int, name: str, path:
     verdicts = read_table(run_dir.version_dir("verdicts", data_version) / name, "verdicts")
     reward = {(p, j): r for p, j, r in zip(verdicts.column("prompt_id").to_pylist(),
                                           verdicts.column("sample_index").to_pylist(), verdicts.column("reward").to_pylist())}
+    unweighable = next((row for row in rollouts if row["behaviour_logprobs"] is None), None)
+    if unweighable is not None:  # an importance weight needs the sampler's own log-probs, not a stand-in
+        raise RollError(f"{path}: prompt_id '{unweighable['prompt_id']}' sample {unweighable['sample_index']} was "
+                        f"imported without the sampler's log-probs; roll ope needs them")
     target = score_rows(model, rollouts, batch_size)
     records = []
     for row, lp in zip(rollouts, target):

@@ -8,6 +8,12 @@ sampling temperature; with `ref=False` (`--no-ref`, and what train and iterate a
 never reads π_ref) they are NULL and π_ref's forward pass is skipped. Group statistics (size, mean and std
 of reward per prompt) come from the verdicts.
 Score shards mirror rollout shards, like verify's.
+
+Which checkpoint stands for π_b: the row's `model_version` (the version that sampled it: its own version for
+roll's rows, `roll import --model-version M` for imported ones), or every row's `--behaviour-checkpoint M`
+when given (rows imported without log-probs are filled this way). A row sampled elsewhere (no model version)
+with its own imported log-probs keeps them as π_b, with no forward pass. `behaviour_checkpoint` records which
+it was (null: the imported log-probs).
 """
 from __future__ import annotations
 
@@ -29,6 +35,10 @@ class ScoreConfig:
     device: str = device_option()
     ref: bool = option(True, "Also π_ref's log-probs (--no-ref: one forward pass fewer; train re-scores if its objective "
                              "needs them).")
+    behaviour_checkpoint: int | None = option(None, "The version whose checkpoint's log-probs stand for the behaviour "
+                                                    "policy of every row scored (rows imported without log-probs). "
+                                                    "[default: the version that sampled each row]",
+                                              show_default=False, min=0)
     force: bool = option(False, "Re-score committed shards.")
 
 def group_stats(verdicts) -> dict[str, tuple[int, float, float]]:
@@ -39,6 +49,19 @@ def group_stats(verdicts) -> dict[str, tuple[int, float, float]]:
     for pid, reward in zip(verdicts.column("prompt_id").to_pylist(), verdicts.column("reward").to_pylist()):
         rewards.setdefault(pid, []).append(reward)
     return {pid: (len(r), statistics.fmean(r), statistics.pstdev(r)) for pid, r in rewards.items()}
+
+
+def behaviour_checkpoint(row: dict, named: int | None, path: Path) -> int | None:
+    """The version whose checkpoint stands for π_b of `row` (module docstring), or None: its imported log-probs."""
+    if named is not None:
+        return named
+    if row["model_version"] is not None:
+        return row["model_version"]
+    if row["behaviour_logprobs"] is None:
+        raise RollError(f"{path}: row of prompt_id '{row['prompt_id']}' sample {row['sample_index']} was imported "
+                        f"without behaviour log-probs or a model version; name the checkpoint whose log-probs stand "
+                        f"for the behaviour policy with `roll score --behaviour-checkpoint M`")
+    return None
 
 
 def run(config: ScoreConfig) -> dict:
@@ -75,37 +98,45 @@ def run(config: ScoreConfig) -> dict:
                                 f"before `roll score`")
             rollouts = read_table(path, "rollouts")
             stats = group_stats(read_table(verdict_path, "verdicts"))
-            if behaviour[0] != version:
-                behaviour = (version, load_policy(run_dir.require_policy(version), device)[0])
             rows = rollouts.to_pylist()
-            trainer = score_rows(behaviour[1], rows, config.batch_size)
+            checkpoints = [behaviour_checkpoint(row, config.behaviour_checkpoint, path) for row in rows]
+            trainer = [row["behaviour_logprobs"] for row in rows]  # kept where no checkpoint stands for π_b
+            for checkpoint in sorted({c for c in checkpoints if c is not None}):
+                if behaviour[0] != checkpoint:
+                    behaviour = (checkpoint, load_policy(run_dir.require_policy(checkpoint), device)[0])
+                where = [i for i, c in enumerate(checkpoints) if c == checkpoint]
+                for i, logprobs in zip(where, score_rows(behaviour[1], [rows[i] for i in where], config.batch_size)):
+                    trainer[i] = logprobs
             if not config.ref:
                 ref = [None] * len(rows)
-            elif version == 0 and all(row["top_p"] == 1.0 for row in rows):
+            elif all(c == 0 for c in checkpoints) and all(row["top_p"] == 1.0 for row in rows):
                 ref = trainer  # π_ref is the behaviour checkpoint, at the same temperature: the same forward pass
             else:
                 ref = score_rows(ref_model, rows, config.batch_size, top_p_override=1.0)
             columns = {column: [] for column in SCHEMAS["scores"].names}
-            for row, t_lp, r_lp in zip(rows, trainer, ref):
-                diffs = [t - b for t, b in zip(t_lp, row["behaviour_logprobs"])]
+            for row, t_lp, r_lp, checkpoint in zip(rows, trainer, ref, checkpoints):
+                sampled = row["behaviour_logprobs"]
+                diffs = None if sampled is None else [t - b for t, b in zip(t_lp, sampled)]
                 if row["prompt_id"] not in stats:
                     raise RollError(f"{verdict_path}: no verdict for prompt_id '{row['prompt_id']}'")
                 size, mean, std = stats[row["prompt_id"]]
                 values = {
                     "policy_version": row["policy_version"], "prompt_id": row["prompt_id"],
                     "sample_index": row["sample_index"], "behaviour_logprob_sum": sum(t_lp),
-                    "ref_logprob_sum": None if r_lp is None else sum(r_lp), "mismatch_max_abs": max(map(abs, diffs), default=0.0),
+                    "ref_logprob_sum": None if r_lp is None else sum(r_lp),
+                    "mismatch_max_abs": None if diffs is None else max(map(abs, diffs), default=0.0),
                     # k3 estimator of KL(π_sampler ‖ π_trainer) per token, averaged over the completion
-                    "mismatch_kl": sum(math.exp(d) - 1 - d for d in diffs) / max(len(diffs), 1),
+                    "mismatch_kl": None if diffs is None else sum(math.exp(d) - 1 - d for d in diffs) / max(len(diffs), 1),
                     "trainer_logprobs": t_lp, "ref_logprobs": r_lp,
                     "group_size": size, "group_reward_mean": mean, "group_reward_std": std,
-                    "generation_id": row["generation_id"],
+                    "generation_id": row["generation_id"], "behaviour_checkpoint": checkpoint,
                 }
                 for column, value in values.items():
                     columns[column].append(value)
             run_dir.commit_shard("scores", version, name, pa.table(columns, schema=SCHEMAS["scores"]))
             summary["rows"] += len(rows)
-            summary["mismatch_max_abs"] = max(summary["mismatch_max_abs"], max(columns["mismatch_max_abs"], default=0.0))
+            measured = [m for m in columns["mismatch_max_abs"] if m is not None]
+            summary["mismatch_max_abs"] = max(summary["mismatch_max_abs"], max(measured, default=0.0))
             advance()
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary

@@ -24,7 +24,7 @@ def rollout_rows(n: int, version: int = 0) -> pa.Table:
         "prompt_token_ids": [[1, 5, 6]] * n, "token_ids": [[7, 8, 2]] * n,
         "behaviour_logprobs": [[-0.5, -0.25, -0.125]] * n, "num_tokens": [3] * n,
         "finish_reason": ["stop"] * n, "stop_token_id": [2] * n, "max_new_tokens": [48] * n, "temperature": [1.0] * n, "top_p": [1.0] * n, "seed": [7] * n,
-        "backend": ["hf"] * n, "generation_id": ["g0"] * n,
+        "backend": ["hf"] * n, "generation_id": ["g0"] * n, "model_version": [version] * n, "source": ["generate"] * n,
     }
     return pa.table(rows, schema=SCHEMAS["rollouts"])
 
@@ -128,7 +128,8 @@ WRITER = textwrap.dedent("""
         "behaviour_logprobs": pa.array([[-1.0, -2.0, -3.0]] * n, pa.list_(pa.float32())),
         "num_tokens": pa.array([3] * n, pa.int64()), "finish_reason": pa.array(["stop"] * n), "stop_token_id": pa.array([2] * n, pa.int64()), "max_new_tokens": pa.array([48] * n, pa.int64()),
         "temperature": pa.array([1.0] * n), "top_p": pa.array([1.0] * n), "seed": pa.array([1] * n, pa.int64()),
-        "backend": pa.array(["hf"] * n), "generation_id": pa.array(["g0"] * n)}, schema=SCHEMAS["rollouts"])
+        "backend": pa.array(["hf"] * n), "generation_id": pa.array(["g0"] * n),
+        "model_version": pa.array([0] * n, pa.int64()), "source": pa.array(["generate"] * n)}, schema=SCHEMAS["rollouts"])
     print("ready", flush=True)
     write_table(Run(sys.argv[1]).shard_path("rollouts", 0, Shard(0, 1)), "rollouts", table)
     print("done", flush=True)

@@ -15,7 +15,7 @@ from roll.store.checkpoint import (CHECKPOINT_CONFIGS, POLICIES_DIR, POLICY_DIR_
                                    policy_dir_name, policy_meta)
 from roll.store.commit import (TEMPORARY_NAME, VERSION_DIR_NAME, admit, check_files, file_lock, os_error, owner_alive,
                                read_table, report_stray, stamp_generation, temporary_path, write_table)
-from roll.store.schemas import OPE_TABLES, SHARDED_TABLES, TRAIN_TABLES, empty_table
+from roll.store.schemas import OPE_TABLES, SHARDED_TABLES, TRAIN_TABLES, check_schema, empty_table
 
 _GROUP = {"steps": "train", "groups": "train", "ope_summary": "ope"}  # table → its directory under the run
 
@@ -209,11 +209,25 @@ class Run:
         flock of `.locks/NAME.lock` in the run (`commit.file_lock`; `shared` for readers of a checkpoint)."""
         return file_lock(self.root / ".locks" / f"{name}.lock", what, shared)
 
-    def commit_shard(self, table: str, version: int, name: str, data: pa.Table) -> Path:
+    def commit_shard(self, table: str, version: int, name: str, data: pa.Table, replace: bool = True) -> Path:
         """Commit one file of a sharded table's version under that version's lock, refusing a partition
-        shard whose layout (the N of i-of-N) differs from the shards already there (DESIGN §6)."""
+        shard whose layout (the N of i-of-N) differs from the shards already there (DESIGN §6).
+
+        `replace=False` (roll import): a version that already has files of `table` is refused, unless the one
+        file there is `name` with exactly this content (a rerun, left as it is) — decided under the lock, so
+        two imports into one version cannot both commit."""
         path = self.version_dir(table, version) / name
         with self.lock(f"{table}-{version:04d}", f"{table} of version {version}"):
+            if table == "rollouts":
+                data = stamp_generation(data)
+            if not replace:
+                existing = self.files(table, version)
+                if list(existing) == [name] and read_table(path, table).equals(check_schema(data, table, path)):
+                    return path
+                if existing:
+                    raise RollError(f"{self.version_dir(table, version)}: version {version} already has {table} "
+                                    f"({len(existing)} file(s)) that this import would mix with; import into a version "
+                                    f"without any")
             match = SHARD_NAME.match(name)
             if match:
                 count = int(match.group(2))
@@ -222,8 +236,6 @@ class Run:
                     raise RollError(f"{self.version_dir(table, version)}: version {version} already has {table} in "
                                     f"{others[0]} shards (part-…-of-{others[0]:05d}); use --shard i/{others[0]}, "
                                     f"or --force to replace them")
-            if table == "rollouts":
-                data = stamp_generation(data)
             return write_table(path, table, data)
 
     def generation_of(self, table: str, version: int, name: str) -> str | None:

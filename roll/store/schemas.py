@@ -39,7 +39,13 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("seed", pa.int64()),  # the row's sampling seed: prompt_seed(--seed, version, prompt_id) + sample_index
         ("backend", pa.string()),
         ("generation_id", pa.string()),  # content hash of the committed shard, stamped by Run.commit_shard
-        nullable=("stop_token_id",),
+        # the version of this run whose checkpoint sampled the row: policy_version for roll's own rows; for
+        # imported rows the --model-version given, else null (sampled elsewhere)
+        ("model_version", pa.int64()),
+        ("source", pa.string()),  # "generate", or "import FILE sha256:DIGEST row N" (roll import)
+        # behaviour_logprobs null: imported without them (roll score names the checkpoint that stands for π_b);
+        # seed null: sampled elsewhere
+        nullable=("stop_token_id", "behaviour_logprobs", "seed", "model_version"),
     ),
     "verdicts": _schema(
         *_KEY,
@@ -55,8 +61,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("trainer_logprobs", pa.list_(pa.float32())), ("ref_logprobs", pa.list_(pa.float32())),
         ("group_size", pa.int64()), ("group_reward_mean", pa.float64()), ("group_reward_std", pa.float64()),
         ("generation_id", pa.string()),  # of the rollouts scored
-        # null when scored with --no-ref: π_ref's forward pass is skipped unless the objective reads it
-        nullable=("ref_logprob_sum", "ref_logprobs"),
+        # the version whose checkpoint gave trainer_logprobs (log π_b with training numerics); null: the row's
+        # imported behaviour_logprobs stand for π_b (sampled elsewhere, no checkpoint here)
+        ("behaviour_checkpoint", pa.int64()),
+        # null when scored with --no-ref: π_ref's forward pass is skipped unless the objective reads it; the
+        # mismatch columns are null for rows imported without the sampler's log-probs (nothing to compare)
+        nullable=("ref_logprob_sum", "ref_logprobs", "behaviour_checkpoint", "mismatch_max_abs", "mismatch_kl"),
     ),
     "steps": _schema(
         ("policy_version", pa.int64()), ("step", pa.int64()), ("objective", pa.string()),
@@ -105,9 +115,13 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
-# Columns added after files of their table were first written, with the value an older file's rows read as:
-# a run made by an earlier roll stays readable (and `roll sql` shows NULL there, DuckDB's union by name).
-ADDED_COLUMNS: dict[str, dict[str, object]] = {}
+# Columns added after files of their table were first written, with the value an older file's rows read as
+# (a constant, or a function of the table): a run made by an earlier roll stays readable (and `roll sql`
+# shows NULL there, DuckDB's union by name).
+ADDED_COLUMNS: dict[str, dict[str, object]] = {
+    "rollouts": {"model_version": lambda table: table.column("policy_version"), "source": "generate"},
+    "scores": {"behaviour_checkpoint": lambda table: table.column("policy_version")},
+}
 
 # Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.
 FINITE_COLUMNS = {"verdicts": ("reward",)}
@@ -134,7 +148,11 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
     for column_name, value in ADDED_COLUMNS.get(name, {}).items():
         if column_name not in table.column_names:
             field = schema.field(column_name)
-            table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
+            try:
+                column = value(table) if callable(value) else pa.array([value] * table.num_rows, field.type)
+            except KeyError:  # what it is made from is missing too: refused by name below
+                continue
+            table = table.append_column(field, column)
     for field in schema:
         problem = _field_problem(table.schema, field, name)
         if problem:
