@@ -47,6 +47,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("format_ok", pa.bool_()), ("verifier", pa.string()), ("milliseconds", pa.float64()),
         ("error", pa.string()),
         ("generation_id", pa.string()),  # of the rollouts verified: redone, never joined, when they change
+        # JSON: the terms the reward is the weighted sum of, [{"reward": spec, "weight": w, "value": v[, "error"]}]
+        # (roll/rewards.py); NULL in verdicts written before it was recorded
+        ("reward_terms", pa.string()),
+        nullable=("reward_terms",),
     ),
     "scores": _schema(
         *_KEY,
@@ -107,7 +111,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 # Columns added after files of their table were first written, with the value an older file's rows read as:
 # a run made by an earlier roll stays readable (and `roll sql` shows NULL there, DuckDB's union by name).
-ADDED_COLUMNS: dict[str, dict[str, object]] = {}
+ADDED_COLUMNS: dict[str, dict[str, object]] = {"verdicts": {"reward_terms": None}}
 
 # Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.
 FINITE_COLUMNS = {"verdicts": ("reward",)}
