@@ -167,3 +167,6 @@ def test_verdicts_without_reward_terms_stay_readable(run_dir):
     assert read_table(path, "verdicts").column("reward_terms").to_pylist() == [None] * 4
     assert sorted(query(Run(run_dir), "select reward, reward_terms from verdicts").fetchall()) == sorted(
         (r, None) for r in rewards)
+    # roll sql's table shows a term's error as written: "my.py:boom: …" is no emoji code, "[/b]" no markup
+    out = roll_cli("sql", "--run", run_dir, "select 'my.py:boom: [/b]' as error")
+    assert "my.py:boom: [/b]" in out.stdout
