@@ -232,8 +232,9 @@ def _worker_main(spec: str, source: str, name: str, timeout_s: float) -> None:
 
     def call(job: list) -> list:
         try:
-            return reward_value(function(*job))
+            value, error = reward_value(function(*job))
         except SystemExit as exc:  # sys.exit() in a reward function is its error, not the worker's end
-            return [None, f"SystemExit: {exc}"]
+            value, error = None, f"SystemExit: {exc}"
+        return [value, error[:300]]
 
     serve(channel, call, timeout_s, on_error=lambda error: [None, error])

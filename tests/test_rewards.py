@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import textwrap
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from roll.errors import RollError
-from roll.rewards import parse_terms
+from roll.rewards import parse_terms, reward_value
 from roll.stages.generate import GenerateConfig, run as generate
 from roll.stages.verify import VerifyConfig, run as verify
 from roll.store import Run, Shard, query, read_table, write_table
@@ -53,6 +54,19 @@ REWARDS = textwrap.dedent('''
 
     NOT_A_FUNCTION = 3
 ''')
+
+
+@pytest.mark.parametrize("returned, expected", [
+    (1, [1.0, ""]), (True, [1.0, ""]), (-2.5, [-2.5, ""]), ({"reward": 3, "why": "x"}, [3.0, ""]),
+    (SimpleNamespace(reward=0.5), [0.5, ""]),  # as roll.verifiers.Verdict
+    ({"score": 1}, [None, "returned a dict without a 'reward' entry (keys: score)"]),
+    ("1", [None, "returned str, not a number"]), (None, [None, "returned NoneType, not a number"]),
+    ([1.0], [None, "returned list, not a number"]),
+    (float("inf"), [None, "returned inf, not a finite number"]), ({"reward": float("nan")}, [None, "returned nan, not a finite number"]),
+    (10 ** 400, [None, "returned int that is not a float: int too large to convert to float"]),
+])
+def test_what_a_reward_function_returns(returned, expected):
+    assert reward_value(returned) == expected
 
 
 def _run_with_one_solution(run_dir, tmp_path):
