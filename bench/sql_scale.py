@@ -74,7 +74,7 @@ def write_history(run, versions: int, rows_per_version: int, shards: int, seed: 
             verdicts = {**key, "reward": pa.array(correct.astype(float)), "correct": pa.array(correct),
                         "extracted_answer": pa.array(["3"] * n), "format_ok": pa.array(np.ones(n, bool)),
                         "verifier": pa.array(["arith 1"] * n), "milliseconds": pa.array(np.zeros(n)), "error": pa.array([""] * n),
-                        "generation_id": pa.array([f"g{version}"] * n)}
+                        "generation_id": pa.array([f"g{version}"] * n), "reward_terms": pa.array([None] * n, pa.string())}
             write_table(run.shard_path("verdicts", version, shard), "verdicts", pa.table(verdicts, schema=SCHEMAS["verdicts"]))
             zeros = pa.array(np.zeros(n))
             scores = {**key, "behaviour_logprob_sum": zeros, "ref_logprob_sum": zeros, "mismatch_max_abs": zeros,

@@ -152,9 +152,14 @@ def generate(run_path, **values):
 def verify(run_path, **values):
     """Extract final answers, compare with the ground truth, write verdicts/version=V/.
 
+    The reward is the verifier's (1 if correct, else 0), or with --reward the weighted sum of that term
+    (`correct`) and your own functions f(completion, answer, prompt_row), each call bounded by --timeout; a
+    call that fails gives its term 0 and its error. After changing --reward, rerun with --force.
+
     \b
     Example:
       roll verify --version 0 --shard 0/4
+      roll verify --reward correct --reward my_rewards.py:format_reward --reward-weight 1 --reward-weight 0.2
     """
     from roll.stages.verify import run as run_verify
 

@@ -57,9 +57,12 @@ def print_result(cursor, fmt: str = "table") -> None:
             sys.stdout.write(json.dumps({n: _plain(v) for n, v in zip(names, row)}) + "\n")
     else:
         from rich.console import Console
-        from rich.table import Table
+        from rich.table import Column, Table
+        from rich.text import Text
 
-        table = Table(*names, caption=f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
+        # Text: a value is shown as it is, never read as rich markup ("[b]") or an emoji code (":boom:", which a
+        # reward term's error "my.py:boom: ..." holds)
+        table = Table(*(Column(Text(n)) for n in names), caption=f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
         for row in rows:
-            table.add_row(*("NULL" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for v in row))
+            table.add_row(*(Text("NULL" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))) for v in row))
         Console().print(table)

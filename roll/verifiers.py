@@ -35,8 +35,9 @@ value. An empty box is no answer.
 Model output is never run as code. math-verify parses LaTeX into SymPy and compares symbolically; a hostile
 or unlucky answer (`\\boxed{9^{9^{9^{9}}}}`) can make SymPy compute for hours. math-verify's own timeout is
 SIGALRM, which only works on the main thread of the main interpreter, so the math verifier instead runs
-math-verify in worker processes it owns: each answer gets a deadline, and a worker that misses it is killed,
-the answer is recorded as wrong with `error="timeout after X s"`, and a fresh worker takes its place. That
+math-verify in worker processes it owns (`roll/workers.py`, shared with `roll verify --reward`): each answer
+gets a deadline, and a worker that misses it is killed, the answer is recorded as wrong with
+`error="timeout after X s"`, and a fresh worker takes its place. That
 bound holds whichever thread or process calls `verify_many`. Each worker also carries a kernel CPU budget per
 answer, so a stage killed outright leaves no worker computing on.
 
@@ -45,26 +46,16 @@ answer, so a stage killed outright leaves no worker computing on.
 """
 from __future__ import annotations
 
-import collections
 import importlib.metadata
-import json
-import multiprocessing.connection
-import os
 import re
-import subprocess
-import sys
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 from roll.errors import RollError
 from roll.tasks import ARITH, CHAIN, extract_arith_answer
+from roll.workers import WorkerPool, serve, start_worker
 
 MAX_ANSWER_CHARS = 1000  # longest MATH-500 answer is 53 characters; longer "answers" are junk or attacks
-STARTUP_TIMEOUT_S = 120.0  # a spawned worker imports SymPy; slow on a loaded 2-core machine, never minutes
-WORKER_MEMORY_BYTES = 4 << 30  # address-space cap per worker process
-CPU_SLACK_S = 2  # a worker's CPU budget per answer is the time bound plus this (whole seconds)
 MATH_RULES = 2  # bump when extraction or comparison rules change, so old and new verdicts can be told apart
 
 
@@ -336,113 +327,23 @@ def _judge(prediction: str, gold: str, prose: bool, parsed_golds: dict) -> tuple
 
 
 def _worker_main(timeout_s: float) -> None:
-    """Worker process, one JSON line per message: reads ["prediction", "gold", prose], writes [correct, "error"].
-
-    It says "ready" once SymPy is imported, so the parent's per-answer clock never counts start-up, and
-    exits at end of input (the parent closed the pipe or died).
-    """
+    """Worker process (roll/workers.py): reads ["prediction", "gold", prose], writes [correct, "error"]. It says
+    "ready" once SymPy is imported, so the parent's per-answer clock never counts start-up."""
     import logging
-    import resource  # Unix only, like the rest of the worker machinery
-    import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then stops us
-    _lower_limit(resource.RLIMIT_AS, WORKER_MEMORY_BYTES)  # a runaway SymPy number fails, not the host
-    replies = os.fdopen(os.dup(1), "w")  # the protocol owns stdout; a stray print() goes to stderr
-    os.dup2(2, 1)
+    channel = start_worker()
     # The "timeout is disabled" warning is expected here (the parent keeps time), and parse failures of
     # model output are verdicts, not log lines.
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     import math_verify  # noqa: F401 - the slow SymPy import happens before we say we are ready
 
-    def reply(message) -> None:
-        replies.write(json.dumps(message) + "\n")
-        replies.flush()
-
-    reply("ready")
     parsed_golds: dict = {}
-    for line in sys.stdin:
-        # The parent kills us at the deadline; this CPU budget (SIGXCPU from the kernel) is the backstop for
-        # when the parent itself was killed and a job that holds the GIL in C code would otherwise run on.
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        _lower_limit(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + timeout_s) + CPU_SLACK_S)
-        try:
-            reply(_judge(*json.loads(line), parsed_golds))  # prediction, gold, prose
-        except MemoryError:
-            reply([False, "out of memory"])
-        except Exception as exc:  # noqa: BLE001 - any failure on one answer is that answer's error
-            reply([False, f"{type(exc).__name__}: {str(exc)[:200]}"])
-
-
-def _lower_limit(which: int, value: int) -> None:
-    """Set a resource's soft limit to `value`, or to its hard limit where that is lower."""
-    import resource
-
-    _, hard = resource.getrlimit(which)
-    resource.setrlimit(which, (value if hard == resource.RLIM_INFINITY else min(value, hard), hard))
+    serve(channel, lambda job: _judge(*job, parsed_golds), timeout_s, on_error=lambda error: [False, error])
 
 
 # ------------------------------------------------------------------------------------ math: parent side
 
 WORKER_COMMAND = "from roll.verifiers import _worker_main; _worker_main({timeout_s!r})"
-
-
-class _Worker:
-    """One worker process and the job it holds: (result index, prediction, gold, prose) or None.
-
-    A plain subprocess rather than multiprocessing: spawn/forkserver children re-import the caller's
-    __main__, which breaks any script without an `if __name__ == "__main__"` guard, and fork is unsafe in a
-    process that already runs torch threads.
-    """
-
-    def __init__(self, timeout_s: float):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # import roll as we do
-        command = [sys.executable, "-c", WORKER_COMMAND.format(timeout_s=timeout_s)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                        text=True, encoding="ascii")
-        self.ready = False
-        self.job: tuple[int, str, str, bool] | None = None
-        self.since = time.perf_counter()  # when it was started, or when its current job was sent
-
-    def fileno(self) -> int:
-        """For `multiprocessing.connection.wait`, which polls anything with a fileno (select() would
-        fail on descriptors above 1024, common in a process that holds a model and its data)."""
-        return self.process.stdout.fileno()
-
-    def send(self, job: tuple[int, str, str, bool]) -> None:
-        self.job, self.since = job, time.perf_counter()
-        self.process.stdin.write(json.dumps(job[1:]) + "\n")  # ASCII JSON: escapes keep it one line
-        self.process.stdin.flush()
-
-    def receive(self):
-        """The next message; only called when readable. One request at a time, so one line is waiting."""
-        line = self.process.stdout.readline()
-        if not line:
-            raise EOFError
-        return json.loads(line)
-
-    def exit_code(self) -> int | None:
-        try:
-            return self.process.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, kill: bool = False) -> None:
-        try:
-            self.process.stdin.close()  # end of input: an idle worker exits by itself
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=0 if kill else 2.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
-
-
-def _stop_workers(workers: list) -> None:
-    for worker in workers:
-        worker.stop()
-    workers.clear()
 
 
 class Verifier:
@@ -490,21 +391,19 @@ class MathVerifier(Verifier):
             raise RollError(f"math verifier needs timeout_s > 0 and workers >= 1 (got {timeout_s}, {workers})")
         # Verdicts depend on our extraction rules as well as on math-verify: both are named.
         self.version = f"math-verify {importlib.metadata.version('math-verify')}, roll-math {MATH_RULES}"
-        self.timeout_s, self.num_workers, self.max_answer_chars = timeout_s, workers, max_answer_chars
-        self._workers: list[_Worker] = []  # started on first use, so building a verifier is free
-        self._lock = threading.Lock()  # one batch at a time; callers on several threads queue here
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+        self.timeout_s, self.max_answer_chars = timeout_s, max_answer_chars
+        # started on first use, so building a verifier is free
+        self._pool = WorkerPool(WORKER_COMMAND.format(timeout_s=timeout_s), timeout_s, workers, "math verifier")
 
     def close(self) -> None:
-        with self._lock:
-            _stop_workers(self._workers)
+        self._pool.close()
 
     def verify_many(self, completions: list[str], answers: list[str]) -> list[Verdict]:
         """One verdict per completion, each within `timeout_s` of the moment its answer reached a worker."""
         self._check_lengths(completions, answers)
         verdicts: list[Verdict | None] = [None] * len(completions)
         extracted: dict[int, str] = {}
-        jobs = collections.deque()
+        jobs = []
         for index, (completion, answer) in enumerate(zip(completions, answers)):
             start = time.perf_counter()
             located = locate_math_answer(completion, str(answer))
@@ -516,70 +415,11 @@ class MathVerifier(Verifier):
                 verdicts[index] = Verdict(False, found[:self.max_answer_chars], True, error, _ms_since(start))
             else:
                 extracted[index] = found
-                jobs.append((index, found if prose else normalize_answer(found), str(answer), prose))
-        if jobs:
-            with self._lock:
-                self._run(jobs, extracted, verdicts)
+                jobs.append((index, [found if prose else normalize_answer(found), str(answer), prose]))
+        for index, outcome in self._pool.run(jobs).items():  # a timeout or a dead worker: wrong, with the error
+            correct, error = outcome.reply if outcome.reply is not None else (False, outcome.error)
+            verdicts[index] = Verdict(bool(correct), extracted[index], True, error, outcome.milliseconds)
         return verdicts
-
-    def _run(self, jobs: collections.deque, extracted: dict[int, str], verdicts: list) -> None:
-        """Feed jobs to idle workers; collect answers; kill and replace any worker past its deadline."""
-        while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self.timeout_s))
-        while jobs or any(w.job is not None for w in self._workers):
-            for slot, worker in enumerate(self._workers):
-                if worker.ready and worker.job is None and jobs:
-                    try:
-                        worker.send(jobs[0])
-                        jobs.popleft()
-                    except OSError:  # it died while idle: a fresh worker takes the job next round
-                        self._replace(slot)
-            waiting = [w for w in self._workers if w.job is not None or not w.ready]
-            wait_s = min(self._deadline(w) for w in waiting) - time.perf_counter()
-            answered = multiprocessing.connection.wait(waiting, timeout=max(0.0, wait_s))
-            for slot, worker in enumerate(self._workers):
-                if worker in answered:
-                    self._receive(slot, extracted, verdicts)
-                elif worker in waiting and time.perf_counter() >= self._deadline(worker):
-                    self._expire(slot, extracted, verdicts)
-
-    def _deadline(self, worker: _Worker) -> float:
-        return worker.since + (self.timeout_s if worker.ready else STARTUP_TIMEOUT_S)
-
-    def _receive(self, slot: int, extracted: dict[int, str], verdicts: list) -> None:
-        worker = self._workers[slot]
-        try:
-            message = worker.receive()
-        except (EOFError, OSError) as died:  # the worker died (killed by the OS, crashed in C code, ...)
-            code = worker.exit_code()
-            if not worker.ready:
-                _stop_workers(self._workers)
-                raise RollError(f"math verifier worker exited on start-up (exit code {code}); see its stderr") from died
-            self._finish(worker, extracted, verdicts, False, f"worker died (exit code {code})")
-            self._replace(slot)
-            return
-        if message == "ready":
-            worker.ready = True
-        else:
-            self._finish(worker, extracted, verdicts, *message)
-
-    def _expire(self, slot: int, extracted: dict[int, str], verdicts: list) -> None:
-        worker = self._workers[slot]
-        if not worker.ready:
-            _stop_workers(self._workers)
-            raise RollError(f"math verifier worker did not start within {STARTUP_TIMEOUT_S:g} s")
-        self._finish(worker, extracted, verdicts, False, f"timeout after {self.timeout_s:g} s")
-        self._replace(slot)
-
-    def _finish(self, worker: _Worker, extracted: dict[int, str], verdicts: list, correct: bool, error: str):
-        index = worker.job[0]
-        verdicts[index] = Verdict(bool(correct), extracted[index], True, error, _ms_since(worker.since))
-        worker.job = None
-
-    def _replace(self, slot: int) -> None:
-        """Kill the worker in `slot` and start a fresh one; its SymPy state may be arbitrarily bad."""
-        self._workers[slot].stop(kill=True)
-        self._workers[slot] = _Worker(self.timeout_s)
 
 
 # --------------------------------------------------------------------------------------------- registry

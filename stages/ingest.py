@@ -110,6 +110,8 @@ def run(config: ImportConfig) -> dict:
             "correct": [v[1] for v in verdicts], "extracted_answer": [""] * len(rows), "format_ok": [True] * len(rows),
             "verifier": ["import"] * len(rows), "milliseconds": [0.0] * len(rows), "error": [""] * len(rows),
             "generation_id": [generation] * len(rows),
+            # the reward came with the row: one term, recorded as verify records its terms
+            "reward_terms": [json.dumps([{"reward": "import", "weight": 1.0, "value": v[0]}]) for v in verdicts],
         }, schema=SCHEMAS["verdicts"])
         summary["verdicts"] = str(run_dir.commit_shard("verdicts", version, name, table, replace=False))
     summary["seconds"] = round(time.perf_counter() - started, 3)

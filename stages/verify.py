@@ -2,8 +2,12 @@
 
 Verdict shards mirror rollout shards (rollouts part-i-of-N → verdicts part-i-of-N), so `--shard j/M` of a
 Slurm array takes the rollout shards whose index is j modulo M, and a rerun skips committed verdicts.
-Reward is 1 for a correct answer, else 0, minus `format_penalty` when no final answer could be found.
-Model output is never evaluated as code; a verifier that hangs is timed out and recorded as an error.
+Reward is 1 for a correct answer, else 0, minus `format_penalty` when no final answer could be found; with
+`--reward` (repeatable, weighted by `--reward-weight`) it is the weighted sum of that built-in `correct` term and
+users' reward functions (roll/rewards.py), each term recorded in the verdict's `reward_terms`. Model output is
+never evaluated as code; a verifier or reward function that hangs, raises or dies is timed out or stopped and
+recorded as an error (reward term 0), never a dead stage. Changing `--reward` changes no committed verdict:
+rerun with `--force`.
 """
 from __future__ import annotations
 
@@ -23,32 +27,46 @@ class VerifyConfig:
     shard: Shard = rollout_shard_option()
     verifier: str | None = option(None, "Verifier. [default: chosen from each prompt's task]", choices=("arith", "math"),
                                   show_default=False)
-    timeout: float = option(5.0, "Hard bound in seconds on checking one answer.", min=0, min_open=True, max=TIMEOUT_MAX)
-    workers: int = option(2, "Verifier worker processes (math verifier).", min=1, max=1024)
+    timeout: float = option(5.0, "Hard bound in seconds on checking one answer, and on one call of a --reward function.",
+                            min=0, min_open=True, max=TIMEOUT_MAX)
+    workers: int = option(2, "Worker processes of the math verifier, and of each --reward function.", min=1, max=1024)
     format_penalty: float = option(0.0, "Subtracted from the reward when no final answer is found.", min=0,
                                    max=FLOAT32_MAX)
+    reward: tuple[str, ...] | None = option(
+        None, "Reward term (repeatable): correct (the verifier's), module:function or path/to/file.py:function, "
+        "called as function(completion, answer, prompt_row). The reward is the weighted sum of the terms. "
+        "[default: correct]", repeatable=True, show_default=False)
+    reward_weight: tuple[float, ...] | None = option(
+        None, "Weight of the --reward in the same place (repeatable). [default: 1 each]", repeatable=True,
+        show_default=False, min=-FLOAT32_MAX, max=FLOAT32_MAX)
     force: bool = option(False, "Re-verify committed shards.")
 
 def run(config: VerifyConfig) -> dict:
-    """Verify every pending rollout shard; returns rows, accuracy, errors and seconds."""
+    """Verify every pending rollout shard; returns rows, accuracy, errors (rows with any error; reward_errors:
+    rows with a reward term's) and seconds."""
     import pyarrow as pa
 
     from roll.progress import progress_bar
+    from roll.rewards import CompositeReward, parse_terms
     from roll.store import SCHEMAS, read_table
     from roll.verifiers import make_verifier, verifier_for_task
 
     check_ranges(config)
+    terms = parse_terms(config.reward, config.reward_weight)
     run_dir = Run(config.run)
     todo = run_dir.pending_shards("verdicts", run_dir.selected_versions(config.versions), config.shard, config.force)
-    summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "correct": 0, "errors": 0}
+    summary = {"run": str(run_dir.root), "shards": len(todo), "rows": 0, "correct": 0, "errors": 0, "reward_errors": 0}
     if not todo:
         return summary
     prompts = run_dir.read_prompts()
-    answer = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist()))
-    task = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("task").to_pylist()))
+    prompt_row = {row["prompt_id"]: row for row in prompts.to_pylist()}
+    answer = {pid: row["answer"] for pid, row in prompt_row.items()}
+    task = {pid: row["task"] for pid, row in prompt_row.items()}
     started = time.perf_counter()
     verifiers = {}
+    reward = CompositeReward(terms, config.timeout, config.workers, config.format_penalty)
     try:
+        reward.start()  # a reward function that cannot be loaded stops the stage here, before any commit
         tables = [(version, name, read_table(path, "rollouts")) for version, name, path in todo]
         total = sum(t.num_rows for _, _, t in tables)
         with progress_bar("verify", total) as advance:
@@ -68,23 +86,26 @@ def run(config: VerifyConfig) -> dict:
                     for i, verdict in zip(rows, verifiers[kind].verify_many([completions[i] for i in rows],
                                                                             [answer[ids[i]] for i in rows])):
                         verdicts[i] = verdict
-                rewards = [(1.0 if v.correct else 0.0) - (0.0 if v.format_ok else config.format_penalty)
-                           for v in verdicts]
+                scored = reward.score_many(completions, [answer[pid] for pid in ids], [prompt_row[pid] for pid in ids],
+                                           verdicts)
                 table = pa.table({
                     "policy_version": rollouts.column("policy_version"), "prompt_id": rollouts.column("prompt_id"),
-                    "sample_index": rollouts.column("sample_index"), "reward": rewards,
+                    "sample_index": rollouts.column("sample_index"), "reward": [s.reward for s in scored],
                     "correct": [v.correct for v in verdicts], "extracted_answer": [v.extracted_answer for v in verdicts],
                     "format_ok": [v.format_ok for v in verdicts],
                     "verifier": [f"{verifiers[n].name} {verifiers[n].version}" for n in kinds],
-                    "milliseconds": [v.milliseconds for v in verdicts], "error": [v.error for v in verdicts],
-                    "generation_id": rollouts.column("generation_id"),
+                    "milliseconds": [v.milliseconds for v in verdicts],
+                    "error": ["; ".join(filter(None, (v.error, s.errors))) for v, s in zip(verdicts, scored)],
+                    "generation_id": rollouts.column("generation_id"), "reward_terms": [s.terms for s in scored],
                 }, schema=SCHEMAS["verdicts"])
                 run_dir.commit_shard("verdicts", version, name, table)
                 summary["rows"] += len(verdicts)
                 summary["correct"] += sum(v.correct for v in verdicts)
-                summary["errors"] += sum(bool(v.error) for v in verdicts)
+                summary["errors"] += sum(bool(v.error or s.errors) for v, s in zip(verdicts, scored))
+                summary["reward_errors"] += sum(bool(s.errors) for s in scored)
                 advance(len(verdicts))
     finally:
+        reward.close()
         for verifier in verifiers.values():
             verifier.close()
     summary["accuracy"] = round(summary["correct"] / summary["rows"], 4) if summary["rows"] else None

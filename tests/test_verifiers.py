@@ -25,7 +25,6 @@ from roll.datasets import DATASETS, dataset_records, dataset_rows
 from roll.errors import RollError
 from roll.tasks import build_prompts
 from roll.verifiers import (
-    CPU_SLACK_S,
     MathVerifier,
     extract_boxed,
     extract_math_answer,
@@ -33,6 +32,7 @@ from roll.verifiers import (
     verifier_for_task,
     verify_arith,
 )
+from roll.workers import CPU_SLACK_S
 
 BOUND_S = 2.0
 SLACK_S = 1.5
@@ -449,9 +449,9 @@ def test_a_killed_caller_leaves_no_worker_running():
         "from roll.verifiers import MathVerifier\n"
         f"v = MathVerifier(timeout_s={BOUND_S}, workers=1)\n"
         f"threading.Thread(target=v.verify_many, args=([{HANG!r}], ['5'])).start()\n"
-        "while not (v._workers and v._workers[0].job):\n"
+        "while not (v._pool.workers and v._pool.workers[0].job):\n"
         "    time.sleep(0.05)\n"
-        "print(v._workers[0].process.pid, flush=True)\n"
+        "print(v._pool.workers[0].process.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)

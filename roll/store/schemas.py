@@ -53,6 +53,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("format_ok", pa.bool_()), ("verifier", pa.string()), ("milliseconds", pa.float64()),
         ("error", pa.string()),
         ("generation_id", pa.string()),  # of the rollouts verified: redone, never joined, when they change
+        # JSON: the terms the reward is the weighted sum of, [{"reward": spec, "weight": w, "value": v[, "error"]}]
+        # (roll/rewards.py); NULL in verdicts written before it was recorded
+        ("reward_terms", pa.string()),
+        nullable=("reward_terms",),
     ),
     "scores": _schema(
         *_KEY,
@@ -121,6 +125,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 ADDED_COLUMNS: dict[str, dict[str, object]] = {
     "rollouts": {"model_version": lambda table: table.column("policy_version"), "source": "generate"},
     "scores": {"behaviour_checkpoint": lambda table: table.column("policy_version")},
+    "verdicts": {"reward_terms": None},
 }
 
 # Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from roll.errors import RollError
 from roll.store.commit import file_columns
-from roll.store.schemas import SAMPLES_TABLES, SCHEMAS, SHARDED_TABLES, empty_table
+from roll.store.schemas import ADDED_COLUMNS, SAMPLES_TABLES, SCHEMAS, SHARDED_TABLES, empty_table
 
 if TYPE_CHECKING:  # for annotations only: Run.connect calls back into this module
     from roll.store.run import Run
@@ -65,8 +65,9 @@ def connect(run: Run, versions: range | None = None, tables: set[str] | None = N
         files = run.committed_files(table, versions if table in SHARDED_TABLES else None, mismatched)
         if files:
             listed = "[" + ", ".join(_sql_str(str(f)) for f in files) + "]"
-            union = len({file_columns(f) for f in files}) > 1
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listed}, "
+            columns = {file_columns(f) for f in files}
+            union = len(columns) > 1
+            con.execute(f"CREATE VIEW {table} AS SELECT *{_absent_columns(table, columns)} FROM read_parquet({listed}, "
                         f"union_by_name={str(union).lower()}, hive_partitioning=false)")
         else:  # a view over an empty Arrow table: the catalog lists the view alone
             con.from_arrow(empty_table(table)).create_view(table)
@@ -77,6 +78,18 @@ def connect(run: Run, versions: range | None = None, tables: set[str] | None = N
             "LEFT JOIN scores USING (policy_version, prompt_id, sample_index, generation_id)"
         )
     return con
+
+
+# DuckDB's names of the types an added column (ADDED_COLUMNS) may have
+DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
+
+
+def _absent_columns(table: str, columns: set[tuple[str, ...]]) -> str:
+    """`, CAST(NULL AS type) AS name` for each added column (ADDED_COLUMNS, read as NULL) that no file holds: a run
+    made by an earlier roll has the column too. Where some files hold it, union_by_name gives the others NULL."""
+    absent = [name for name in ADDED_COLUMNS.get(table, {}) if not any(name in c for c in columns)]
+    assert all(ADDED_COLUMNS[table][name] is None for name in absent), "only NULL is written here"
+    return "".join(f", CAST(NULL AS {DUCKDB_TYPES[SCHEMAS[table].field(name).type]}) AS {name}" for name in absent)
 
 
 def referenced_tables(sql: str) -> set[str]:
