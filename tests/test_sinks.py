@@ -23,9 +23,9 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("tensorboard")
 
-# two updates of one optimiser step each, and evaluations of v0 and v2 on 4 prompts × 2 samples: every curve has
-# points from more than one version, at the smallest scale that still trains on whole groups
-ITERATE = ["iterate", "--iterations", 2, "--prompts", 4, "--group-size", 2, "--max-new-tokens", 8, "--eval-every", 2,
+# one update of one optimiser step, and evaluations of v0 and v1 on 4 prompts × 2 samples, at the smallest scale
+# that still trains on whole groups; then `roll train` makes v2 (the cheapest way to test both commands' paths)
+ITERATE = ["iterate", "--iterations", 1, "--prompts", 4, "--group-size", 2, "--max-new-tokens", 8, "--eval-every", 1,
            "--eval-k", 2, "--eval-limit", 4]
 
 
@@ -37,11 +37,14 @@ def wandb_installed() -> bool:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, tiny_model_dir) -> Run:
-    """One short `roll iterate --log-to tensorboard[,wandb]` (wandb where it is installed)."""
+    """One short `roll iterate --log-to tensorboard[,wandb]` (wandb where it is installed) making v1, then `roll
+    generate` of v1 and `roll train --log-to tensorboard` making v2 into the same TensorBoard directory."""
     path = tmp_path_factory.mktemp("sinks") / "run"
     roll_cli("init", "--run", path, "--model", tiny_model_dir)
     sinks = "tensorboard,wandb" if wandb_installed() else "tensorboard"
     roll_cli(*ITERATE, "--run", path, "--log-to", sinks)
+    roll_cli("generate", "--run", path, "--version", 1, "--prompts", 4, "--group-size", 2, "--max-new-tokens", 8)
+    roll_cli("train", "--run", path, "--log-to", "tensorboard")
     return Run(path)
 
 
@@ -92,12 +95,14 @@ def assert_float32_equal(got: dict, expected: dict) -> None:
             assert value == rounded or (math.isnan(value) and math.isnan(want)), (tag, value, want)
 
 
-def test_iterate_log_to_tensorboard_holds_every_step_and_evaluation(logged):
+def test_iterate_and_train_log_to_tensorboard_hold_every_step_and_evaluation(logged):
+    """iterate's update (x = 1) and evaluations (v0 at x = 0, v1 at x = 1), then train's update (x = 2), each
+    once: every curve point equals its row in the tables."""
     got = event_scalars(logged.sink_dir("tensorboard"))
     expected = {**expected_train(logged), **expected_evals(logged)}
     assert_float32_equal(got, expected)
     assert len(got["train/loss"]) == rows(logged, "SELECT count(*) AS n FROM steps")[0]["n"] == 2
-    assert [s for s, _ in got["eval/arith/pass@1"]] == [0, 2]  # v0, and v2 after 2 steps
+    assert [s for s, _ in got["train/loss"]] == [1, 2] and [s for s, _ in got["eval/arith/pass@1"]] == [0, 1]
 
 
 def wandb_history(directory) -> list[dict]:
@@ -129,7 +134,9 @@ def test_iterate_log_to_wandb_writes_an_offline_run_with_every_step_and_evaluati
     if not wandb_installed():
         pytest.skip("wandb is not installed (pip install 'roll[wandb]')")
     history = wandb_history(logged.sink_dir("wandb"))
-    expected = {**expected_train(logged), **expected_evals(logged)}
+    # iterate's points (x <= 1); `roll train` logged to tensorboard alone
+    expected = {tag: [p for p in points if p[0] <= 1]
+                for tag, points in {**expected_train(logged), **expected_evals(logged)}.items()}
     # wandb keeps the float64: every value equals the table's exactly
     got = {tag: [(h["_step"], h[tag]) for h in history if tag in h] for tag in expected}
     assert got == expected
@@ -154,8 +161,8 @@ def test_report_to_tensorboard_rebuilds_the_curves_of_a_run_made_without_a_sink(
     replay(copy, ["tensorboard"])  # the same function again, in this process
     got = event_scalars(copy.sink_dir("tensorboard"))
     expected = {**expected_train(copy), **expected_evals(copy)}
-    assert expected["eval/arith/pass@1"] == [(0, 0.5), (2, 0.5)]
-    assert expected["eval/arith/pass@2"] == [(0, 1.0), (2, 1.0)]
+    assert expected["eval/arith/pass@1"] == [(0, 0.5), (1, 0.5)]
+    assert expected["eval/arith/pass@2"] == [(0, 1.0), (1, 1.0)]
     assert_float32_equal(got, expected)
     assert expected_train(copy) == expected_train(logged)  # the same steps as the live run drew
     assert summary["sinks"][0]["points"] == sum(map(len, expected.values()))
