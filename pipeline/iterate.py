@@ -58,6 +58,7 @@ def run(config: IterateConfig) -> dict:
     from roll.pipeline.prepare import prepare_update
     from roll.policy import keep_loaded
     from roll.progress import progress_bar
+    from roll.sinks import Sinks
     from roll.stages import generate, score, train, verify
     from roll.store import Run, data_window
 
@@ -68,9 +69,19 @@ def run(config: IterateConfig) -> dict:
 
     def maybe_evaluate(version: int) -> None:
         if config.eval_every and (version % config.eval_every == 0 or version == config.iterations):
-            evals.append(evaluation(config, gen, version))
+            result = evaluation(config, gen, version)
+            evals.append({"version": version, "pass@1": result["pass@1"],
+                          f"pass@{result['k']}": result[f"pass@{result['k']}"]})
+            if not result["skipped"]:  # a rerun finds it committed and drawn already
+                sinks.log_version(version, steps=False)
 
-    with keep_loaded(), progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
+    def train_and_log(update: TrainConfig) -> None:
+        if not train.run(update).get("skipped"):
+            sinks.log_version(update.version + 1, evals=False)
+
+    # the sinks (--log-to) draw each update's steps and each evaluation once committed, from the tables
+    with keep_loaded(), Sinks(Run(config.run), trn.log_to or (), config) as sinks, \
+            progress_bar(f"iterate {trn.objective} lag {trn.lag}", config.iterations, "updates") as advance:
         maybe_evaluate(0)
         committed = Run(config.run).latest_policy_version()
         for version in range(config.iterations):
@@ -87,7 +98,7 @@ def run(config: IterateConfig) -> dict:
                                                              device=trn.device, ref=needs_ref)),
                 # apo's version-0 samples (verify and score above made the rest)
                 "prepare": lambda: prepare_update(replace(update, run=config.run, version=version)),
-                "train": lambda: train.run(replace(update, run=config.run, version=version)),
+                "train": lambda: train_and_log(replace(update, run=config.run, version=version)),
                 "evaluate": lambda: maybe_evaluate(version + 1),
                 "gc": lambda: config.keep_policies is not None and retention.run(retention.GcConfig(
                     run=config.run, keep=config.keep_policies, lag=trn.lag, window=trn.window)),
@@ -111,11 +122,13 @@ def stage_settings(config: IterateConfig) -> tuple[GenerateConfig, TrainConfig]:
     """generate's and train's settings for every iteration (the version is set per iteration); under a sync
     interval S, each version samples S × P prompts and its update takes S steps of P × G rows."""
     from roll.errors import RollError
+    from roll.sinks import check_sinks
 
     check_ranges(config)
     gen = config.generate or GenerateConfig(run=config.run)
     trn = config.train or TrainConfig(run=config.run)
     check_config(gen)  # generate's settings, and that --backend vllm finds vLLM, before v0 is evaluated
+    check_sinks(trn.log_to or ())  # and that --log-to's packages are installed
     if config.sample_every > 1 and (config.sync_interval > 1 or trn.lag > 0 or trn.window > 1):
         raise RollError(f"--sample-every {config.sample_every} sets each update's lag (v mod S) and data slice itself; "
                         f"drop --sync-interval, --lag and --window")
@@ -140,10 +153,9 @@ def update_settings(config: IterateConfig, trn: TrainConfig, version: int) -> Tr
 
 
 def evaluation(config: IterateConfig, gen: GenerateConfig, version: int) -> dict:
-    """Evaluate `version` with the run's sampling settings: {version, pass@1, pass@k}."""
+    """Evaluate `version` with the run's sampling settings: evaluate's summary (pass@1, pass@k, skipped …)."""
     from roll.stages import evaluate
 
-    result = evaluate.run(evaluate.EvaluateConfig(
+    return evaluate.run(evaluate.EvaluateConfig(
         run=config.run, version=version, k=config.eval_k, limit=config.eval_limit, temperature=gen.temperature,
         top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, seed=gen.seed, device=gen.device))
-    return {"version": version, "pass@1": result["pass@1"], f"pass@{result['k']}": result[f"pass@{result['k']}"]}

@@ -9,6 +9,9 @@
     summary.md       one row per run: objective, lag, final pass@1, whether it collapsed, entropy at the end,
                      regime shares
 
+With --to tensorboard (wandb, trackio) it draws no plots: it rebuilds each run's metrics sinks from its tables
+instead (roll/sinks.py), so a run made without --log-to can still be looked at in TensorBoard.
+
 Runs are labelled by their directory name; several runs share each figure so they compare directly.
 """
 from __future__ import annotations
@@ -55,6 +58,9 @@ class ReportConfig:
     runs: tuple[Path, ...] = option((), "Run directory to include (repeatable). [default: $ROLL_RUN, else ./runs/default]",
                                     flag="--run", repeatable=True, show_default=False)
     out: Path = option(Path("report"), "Directory for the PNGs and summary.md.")
+    to: tuple[str, ...] | None = option(None, "Instead of plots, rebuild these metrics sinks of each run from its tables "
+                                              "(tensorboard, wandb, trackio; comma-separated), replacing "
+                                              "RUN/logs/<sink>/. [default: none]", show_default=False)
 
 
 def collapsed(evaluations: list[dict]) -> bool:
@@ -76,15 +82,21 @@ def collect(run: Run) -> dict:
 
 
 def run(config: ReportConfig) -> dict:
+    runs = [Run(path) for path in config.runs]
+    for r in runs:
+        if not r.exists():
+            raise RollError(f"{r.root}: no run here")
+    if config.to:
+        from roll.sinks import check_sinks, replay
+
+        check_sinks(config.to, "--to")  # every run's sinks or none
+        return {"sinks": [replay(r, config.to) for r in runs]}
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [Run(path) for path in config.runs]
-    for r in runs:
-        if not r.exists():
-            raise RollError(f"{r.root}: no run here")
     data = {r.root.name if len({x.root.name for x in runs}) == len(runs) else str(r.root): collect(r) for r in runs}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -232,10 +232,13 @@ def train(run_path, nproc, **values):
     \b
     Example:
       roll generate && roll train --objective stable-pess
+      roll train --log-to tensorboard && tensorboard --logdir runs/default/logs/tensorboard
     """
     from roll.pipeline.prepare import prepare_update
+    from roll.sinks import check_sinks, log_update
     from roll.stages.train import run as run_train
 
+    check_sinks(values["log_to"] or ())  # before ensure_run may create a run
     root = ensure_run(run_path).root
     config = TrainConfig(run=root, **config_values(TrainConfig, values))
     if os.environ.get("RANK", "0") == "0":
@@ -255,6 +258,8 @@ def train(run_path, nproc, **values):
         sys.exit(subprocess.call(command, env={**os.environ, "ROLL_RUN": str(root)}))
     summary = run_train(config)
     if summary.get("rank", 0) == 0:
+        if config.log_to and not summary["skipped"]:
+            log_update(config, summary["version"])
         print_summary(summary)
     else:
         # a torchrun rank other than 0 has left its process group cleanly (train's Distributed.finish); under
@@ -279,9 +284,12 @@ def iterate(run_path, seed, device, **values):
     \b
     Example:
       roll iterate --iterations 20 --objective stable-pess --lag 2
+      roll iterate --log-to tensorboard && tensorboard --logdir runs/default/logs/tensorboard
     """
     from roll.pipeline.iterate import run as run_iterate
+    from roll.sinks import check_sinks
 
+    check_sinks(values["log_to"] or ())  # before ensure_run may create a run
     root = ensure_run(run_path).root
     config = IterateConfig(
         run=root, **config_values(IterateConfig, values),
@@ -370,18 +378,24 @@ def sweep(**values):
 
 
 @cli.command()
+@click.argument("run_paths", metavar="[RUN]...", nargs=-1, type=click.Path(path_type=Path))
 @config_options(ReportConfig)
-def report(**values):
+def report(run_paths, **values):
     """Plots (PNG) and a markdown summary over one or several runs: pass@1, entropy, KL, regimes by lag.
+
+    Runs are named with --run or as arguments. With --to, rebuild the runs' TensorBoard (wandb, trackio)
+    curves from their tables instead.
 
     \b
     Example:
       roll report --run runs/ppo-lag4 --run runs/stable-pess-lag4 --out report/
+      roll report --to tensorboard runs/ppo-lag4 && tensorboard --logdir runs/ppo-lag4/logs/tensorboard
     """
     from roll.pipeline.report import run as run_report
 
     config = config_values(ReportConfig, values)
-    print_summary(run_report(ReportConfig(**{**config, "runs": config["runs"] or (default_run_path(),)})))
+    runs = (*(config["runs"] or ()), *run_paths) or (default_run_path(),)
+    print_summary(run_report(ReportConfig(**{**config, "runs": runs})))
 
 
 @cli.group()

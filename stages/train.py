@@ -82,6 +82,9 @@ class TrainConfig(ObjectiveConfig):
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and Adam state (FSDP2) instead of DDP.")
     force: bool = option(False, "Retrain version v+1 even if it exists (refused while anything was built on it or "
                                 "drawn from it; see --prune-descendants).")
+    log_to: tuple[str, ...] | None = option(None, "Also draw each step's metrics (and roll iterate's evaluations) in "
+                                                  "these sinks, comma-separated: tensorboard, wandb, trackio; under "
+                                                  "RUN/logs/. [default: none]", group="training", show_default=False)
     prune_descendants: bool = option(False, "With --force: first delete the versions built on v+1 and everything "
                                             "made with them or drawn from v+1 (rollouts, verdicts, scores, steps, "
                                             "groups, evals, ope files), listing each.")
@@ -238,7 +241,7 @@ def update(run_dir: Run, version: int, config: TrainConfig, dist) -> dict:
         model.load_state_dict(weights)
     meta = {"version": new_version, "parent": version, "parent_weights": parent_weights, "objective": config.objective,
             "hyperparameters": {k: v for k, v in asdict(config).items()
-                                if k not in ("run", "force", "prune_descendants", "device")},
+                                if k not in ("run", "force", "prune_descendants", "device", "log_to")},
             "data_versions": data_versions, "data_window": list(data_window(version, config.lag, config.window)),
             "rows": len(rows), "optimizer_steps": len(step_records),
             # rows whose π_prox log-probs took a forward pass of the parent (0 where the parent sampled them all)

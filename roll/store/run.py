@@ -111,6 +111,11 @@ class Run:
         temperature, top-p, length or seed is another file, never a relabelled cache hit."""
         return self.version_dir("evals", version) / f"{dataset}-{settings_key(settings)}.parquet"
 
+    def sink_dir(self, sink: str) -> Path:
+        """Where a metrics sink (roll/sinks.py: tensorboard, wandb, trackio) writes its copy of the run's curves:
+        not a table, never read by roll, rebuilt from the tables by `roll report --to`."""
+        return self.root / "logs" / sink
+
     # what is committed -------------------------------------------------------------------------------
     def policy_versions(self) -> list[int]:
         """Versions that were committed (policy.json is written last, so its presence commits), including
