@@ -92,6 +92,7 @@ def base_args(path: tuple[str, ...], run, tmp, model) -> list[str]:
         ("slurm", "render"): ["--run", str(run)],
         ("report",): ["--run", str(run), "--out", str(tmp / "report")],
         ("sql",): ["select 1", "--run", str(run)],
+        ("import",): [str(tmp / "no-such-rows.jsonl"), "--run", str(run)],  # accepted values end in 'no such file'
     }.get(path, ["--run", str(run)])
 
 
