@@ -35,7 +35,10 @@ class SlurmConfig:
     iterations: int = option(1, "Updates to render: versions start … start+iterations−1 are trained.", min=1,
                              max=VERSION_MAX)
     start: int = option(0, "First policy version to train from.", min=0, max=VERSION_MAX)
-    array_size: int = option(4, "S: tasks per generate/verify/score job array.", min=1, max=100000)
+    array_size: int = option(4, "S: tasks per generate/verify/score job array (on GPUs: N×P, one GPU each, fills "
+                                "the train job's nodes).", min=1, max=100000)
+    gpus_per_task: int = option(0, "GPUs for each generate/verify/score array task (#SBATCH --gpus=G); 0 = none.",
+                                min=0, max=1024)
     gpus_per_train: int = option(0, "P: GPUs (torchrun processes) for train on one node; 0 = one CPU process. "
                                     "The same as --gpus-per-node P with --nodes 1.", min=0, max=1024)
     nodes: int = option(1, "N: nodes for train: one torchrun agent per node (srun), meeting over c10d at the "
@@ -58,6 +61,8 @@ def _header(config: SlurmConfig, name: str, array: bool) -> list[str]:
              f"#SBATCH --output={output}"]
     if array:
         lines.append(f"#SBATCH --array=0-{config.array_size - 1}")
+        if config.gpus_per_task:
+            lines.append(f"#SBATCH --gpus={config.gpus_per_task}")
     if config.partition:
         lines.append(f"#SBATCH --partition={config.partition}")
     if config.account:

@@ -409,6 +409,11 @@ def slurm_render(run_path, out, **values):
     \b
     Example:
       roll slurm render --iterations 4 --array-size 8 --gpus-per-train 2 --lag 1 --out slurm/ && bash slurm/submit.sh
+
+    \b
+    On several nodes (train: 2 nodes × 8 GPUs under srun, one torchrun agent each; arrays: 16 tasks, 1 GPU each):
+      roll slurm render --run /shared/runs/r1 --iterations 4 --nodes 2 --gpus-per-node 8 \\
+        --array-size 16 --gpus-per-task 1 --out slurm/ && bash slurm/submit.sh
     """
     from roll.pipeline.slurm import render, write
 

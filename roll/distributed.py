@@ -59,8 +59,9 @@ def launch(config: LaunchConfig, nproc: int, argv: list[str], run: str) -> int:
 
     os.environ["ROLL_RUN"] = run
     args = parse_args(torchrun_args(config, nproc, argv))
-    # the agent's own log lines (rendezvous retries, its failure report) would bury the one line below
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if "LOGLEVEL" not in os.environ:  # torchrun's own switch: LOGLEVEL=INFO shows the agent's rendezvous log
+        # the agent's own log lines (rendezvous retries, its failure report) would bury the one line below
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun(args)
     except RendezvousError as exc:

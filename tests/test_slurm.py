@@ -112,7 +112,7 @@ def counts(run: Path, table: str) -> list[tuple]:
     [],
     ["--lag", "1", "--window", "2", "--start", "1"],
     ["--gpus-per-train", "2", "--partition", "gpu", "--account", "lab", "--train-args", "--objective ppo"],
-    ["--nodes", "2", "--gpus-per-node", "8", "--lag", "1", "--train-args", "--objective ppo"],
+    ["--nodes", "2", "--gpus-per-node", "8", "--gpus-per-task", "1", "--lag", "1", "--train-args", "--objective ppo"],
 ], ids=["plain", "lag-window-start", "torchrun-partition", "nodes"])
 def test_rendered_scripts_pass_shellcheck(tmp_path, options):
     shellcheck = require("shellcheck", what="shellcheck")["shellcheck"]
@@ -121,6 +121,20 @@ def test_rendered_scripts_pass_shellcheck(tmp_path, options):
     proc = subprocess.run([shellcheck, "--shell=bash", "--severity=style", *map(str, scripts.values())],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpus_per_train_is_gpus_per_node_on_one_node_and_the_two_must_agree(tmp_path):
+    from click.testing import CliRunner
+
+    from roll.cli import cli
+
+    one = render(tmp_path / "run", tmp_path / "a", 1, "--gpus-per-train", 2)
+    same = render(tmp_path / "run", tmp_path / "b", 1, "--gpus-per-node", 2)
+    assert [p.read_text() for p in one.values()] == [p.read_text() for p in same.values()]
+    result = CliRunner().invoke(cli, ["slurm", "render", "--run", str(tmp_path / "run"), "--gpus-per-train", "2",
+                                      "--gpus-per-node", "4", "--nodes", "2"])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        "roll: error: --gpus-per-train 2 and --gpus-per-node 4 disagree: give --gpus-per-node (with --nodes) alone"]
 
 
 def test_score_skips_pi_ref_only_when_the_rendered_objective_never_reads_it(tmp_path):
