@@ -241,8 +241,9 @@ def train(run_path, nproc, **values):
     from roll.pipeline.prepare import prepare_update
     from roll.stages.train import run as run_train
 
-    root = ensure_run(run_path).root
     launch = LaunchConfig(**config_values(LaunchConfig, values))
+    # across machines the run must already be there: a node that does not mount it must not make its own
+    root = (existing_run(run_path) if launch.nnodes > 1 else ensure_run(run_path)).root
     config = TrainConfig(run=root, **config_values(TrainConfig, values))
     relaunch = nproc > 1 or launch.nnodes > 1 or launch.rdzv_endpoint is not None
     if os.environ.get("RANK", "0") == "0" and launch.nnodes == 1:
