@@ -130,6 +130,36 @@ def test_optimizer_state_saved_by_two_machines_resumes_in_one_process_and_back(r
                 assert (a - b).norm() <= 1e-3 * b.norm() + 1e-12, (name, moment)
 
 
+def test_ranks_that_read_different_rows_refuse_to_train_all_at_once():
+    """Across machines every rank reads the window from its own mount of the run: rank 1 here read one reward
+    other than rank 0 did (a stale cache), so the digests differ and the update stops before a step. The process
+    group is a stand-in with the collectives' semantics (rank 0's value broadcast; the flag's AND over ranks)."""
+    from roll.errors import RollError
+    from roll.stages.train import check_same_rows
+    from roll.window import Window
+
+    def window(rewards):
+        lists = {name: [[1, 2], [3]] for name in Window.LISTS}
+        return Window(pa.table({"policy_version": [0, 0], "prompt_id": ["a", "a"], "sample_index": [0, 1],
+                                "reward": rewards, **lists}))
+
+    class Rank:
+        def __init__(self, rank, zero):
+            self.active, self.rank, self.zero = True, rank, zero
+
+        def broadcast(self, value):
+            return self.zero
+
+        def all_true(self, flag):  # both ranks' flags: rank 0 always agrees with itself
+            return flag
+
+    import hashlib
+    rank0_digest = hashlib.sha256(repr([[0, 0], ["a", "a"], [0, 1], [1.0, 0.0]]).encode()).hexdigest()
+    check_same_rows(window([1.0, 0.0]), 0, Rank(0, rank0_digest))  # the same rows: nothing said
+    with pytest.raises(RollError, match=r"ranks of update 0 -> 1 read different rows .*rank 1: 2 rows"):
+        check_same_rows(window([1.0, 1.0]), 0, Rank(1, rank0_digest))
+
+
 def test_a_rendezvous_that_cannot_complete_ends_in_one_line_and_commits_nothing(run_dir):
     """One of two agents never starts: the other gives up after --rdzv-timeout seconds, before any rank exists,
     saying so in one line (no traceback), and no policy v1 appears."""
