@@ -170,8 +170,8 @@ def test_a_rendezvous_that_cannot_complete_ends_in_one_line_and_commits_nothing(
                     "--rdzv-id", "alone", "--rdzv-timeout", 3, check=False, timeout=120)
     elapsed = time.monotonic() - started
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("roll: the rendezvous at localhost:") and "within 3 s" in lines[0], lines
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("roll: error: the rendezvous at localhost:") and "within 3 s" in lines[0], lines
     assert elapsed < 60, elapsed  # 3 s to wait, plus the start of one process
     assert Run(run_dir).policy_versions() == [0]
 
