@@ -441,12 +441,14 @@ def test_real_slurm_trains_on_two_nodes_as_one_process_does(tmp_path, tiny_model
     job = submit.stdout.strip().split(";")[0]
     roll_cli("train", "--run", reference, *step.split())  # the reference, while Slurm works
     jobs = wait_for_jobs(slurm_cluster, timeout=300)
-    output = "\n".join(p.read_text()[-3000:] for p in (run / "slurm").glob("*.out"))
-    assert jobs.get(job) == "COMPLETED", f"{jobs}\n{output}\n{slurm_cluster.logs()}"
+    # the whole output: after the update, the agent that did not host the rendezvous store may log torch's C++
+    # warning (a trace of ~40 lines) that the store went away while it closed the rendezvous
+    output = "\n".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert jobs.get(job) == "COMPLETED", f"{jobs}\n{output[-3000:]}\n{slurm_cluster.logs()}"
     shown = subprocess.run([which("scontrol"), "show", "job", job, "-o"], env=env, capture_output=True, text=True,
                            check=True).stdout
     assert "NumNodes=2 " in shown and "NodeList=" in shown, shown
-    assert summary(output)["version"] == 1 and summary(output)["steps"] == 1, output
+    assert summary(output)["version"] == 1 and summary(output)["steps"] == 1, output[-3000:]
 
     a = load_file(Run(run).policy_dir(1) / "model.safetensors")
     b = load_file(Run(reference).policy_dir(1) / "model.safetensors")
