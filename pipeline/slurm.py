@@ -5,7 +5,9 @@ For each iteration v the folder holds four scripts:
     v0003-generate.sbatch   job array of S tasks: roll generate --version 3 --shard $SLURM_ARRAY_TASK_ID/S
     v0003-verify.sbatch     job array of S tasks: roll verify   --version 3 --shard $SLURM_ARRAY_TASK_ID/S
     v0003-score.sbatch      job array of S tasks: roll score    --version 3 --shard $SLURM_ARRAY_TASK_ID/S
-    v0003-train.sbatch      one job: torchrun … -m roll train --version 3 (or plain roll train on CPU)
+    v0003-train.sbatch      one job: torchrun … -m roll train --version 3 (or plain roll train on CPU);
+                            with --nodes N > 1, N nodes, each running one torchrun agent under srun
+                            (`roll train --nnodes N --nproc P --rdzv-endpoint HEAD:PORT`)
 
 and submit.sh submits them all with `sbatch --parsable`, chained by `--dependency=afterok`:
 
@@ -22,6 +24,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from roll.errors import RollError
 from roll.options import VERSION_MAX, check_ranges, option
 from roll.store import data_window
 
@@ -32,8 +35,16 @@ class SlurmConfig:
     iterations: int = option(1, "Updates to render: versions start … start+iterations−1 are trained.", min=1,
                              max=VERSION_MAX)
     start: int = option(0, "First policy version to train from.", min=0, max=VERSION_MAX)
-    array_size: int = option(4, "S: tasks per generate/verify/score job array.", min=1, max=100000)
-    gpus_per_train: int = option(0, "P: GPUs (torchrun processes) for train; 0 = one CPU process.", min=0, max=1024)
+    array_size: int = option(4, "S: tasks per generate/verify/score job array (on GPUs: N×P, one GPU each, fills "
+                                "the train job's nodes).", min=1, max=100000)
+    gpus_per_task: int = option(0, "GPUs for each generate/verify/score array task (#SBATCH --gpus=G); 0 = none.",
+                                min=0, max=1024)
+    gpus_per_train: int = option(0, "P: GPUs (torchrun processes) for train on one node; 0 = one CPU process. "
+                                    "The same as --gpus-per-node P with --nodes 1.", min=0, max=1024)
+    nodes: int = option(1, "N: nodes for train: one torchrun agent per node (srun), meeting over c10d at the "
+                           "allocation's first node.", min=1, max=4096)
+    gpus_per_node: int = option(0, "P: GPUs (torchrun processes) per train node; 0 = one CPU process per node.",
+                                min=0, max=1024)
     partition: str | None = option(None, "sbatch --partition.", show_default=False)
     account: str | None = option(None, "sbatch --account.", show_default=False)
     time_limit: str = option("01:00:00", "sbatch --time for every job.")
@@ -50,6 +61,8 @@ def _header(config: SlurmConfig, name: str, array: bool) -> list[str]:
              f"#SBATCH --output={output}"]
     if array:
         lines.append(f"#SBATCH --array=0-{config.array_size - 1}")
+        if config.gpus_per_task:
+            lines.append(f"#SBATCH --gpus={config.gpus_per_task}")
     if config.partition:
         lines.append(f"#SBATCH --partition={config.partition}")
     if config.account:
@@ -76,9 +89,39 @@ def score_args(train_args: str) -> str:
     return "" if uses_reference(values["--objective"], ObjectiveConfig(kl_ref=kl_ref)) else "--no-ref"
 
 
+def gpus_per_node(config: SlurmConfig) -> int:
+    if config.gpus_per_train and config.gpus_per_node and config.gpus_per_train != config.gpus_per_node:
+        raise RollError(f"--gpus-per-train {config.gpus_per_train} and --gpus-per-node {config.gpus_per_node} disagree: "
+                        "give --gpus-per-node (with --nodes) alone")
+    return config.gpus_per_node or config.gpus_per_train
+
+
+def train_command(config: SlurmConfig, run: str, options: str) -> tuple[list[str], list[str]]:
+    """The train job's #SBATCH resource lines and its command lines."""
+    gpus = gpus_per_node(config)
+    resources = [f"#SBATCH --gpus-per-node={gpus}"] if gpus else []
+    if config.nodes == 1:
+        if gpus == 0:
+            return resources, [f"{config.roll} train --run {run} {options}"]
+        # the run goes in $ROLL_RUN: torchrun's parser would take `--run` for its own --run-path
+        return resources, [f"ROLL_RUN={run} torchrun --standalone --nproc-per-node {gpus} -m roll train {options}"]
+    # one task per node, each a torchrun agent (run by `roll train --nnodes`, which says a failed rendezvous in
+    # one line) starting --nproc ranks; the agents meet at the allocation's first node, on a port set by the
+    # job id (two jobs sharing a node do not clash) unless MASTER_PORT is set
+    resources = [f"#SBATCH --nodes={config.nodes}", "#SBATCH --ntasks-per-node=1", *resources]
+    return resources, [
+        "# one torchrun agent per node: torchrun --nnodes N --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint HEAD:PORT",
+        'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        'port="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"',
+        f"srun --nodes={config.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 {config.roll} train --run {run} "
+        f'--nnodes {config.nodes} --nproc {max(gpus, 1)} --rdzv-endpoint "${{nodes[0]}}:$port" '
+        f'--rdzv-id "roll-$SLURM_JOB_ID" {options}'.rstrip()]
+
+
 def render(config: SlurmConfig) -> dict[str, str]:
     """File name → script text for the whole chain, submit.sh included."""
     check_ranges(config)
+    gpus_per_node(config)
     run = shlex.quote(str(config.run))
     roll = config.roll
     scripts: dict[str, str] = {}
@@ -92,14 +135,9 @@ def render(config: SlurmConfig) -> dict[str, str]:
             command = f"{roll} {stage} --run {run} --version {v} --shard {shard} {extra}".rstrip()
             scripts[f"{tag}-{stage}.sbatch"] = "\n".join(_header(config, f"roll-{stage}-{tag}", True) + [command]) + "\n"
         options = f"--version {v} --lag {config.lag} --window {config.window} {config.train_args}".rstrip()
-        if config.gpus_per_train > 0:
-            # the run goes in $ROLL_RUN: torchrun's parser would take `--run` for its own --run-path
-            train_cmd = f"ROLL_RUN={run} torchrun --standalone --nproc-per-node {config.gpus_per_train} -m roll train {options}"
-            gpu_lines = [f"#SBATCH --gpus-per-node={config.gpus_per_train}"]
-        else:
-            train_cmd, gpu_lines = f"{roll} train --run {run} {options}", []
         header = _header(config, f"roll-train-{tag}", False)
-        scripts[f"{tag}-train.sbatch"] = "\n".join(header[:-1] + gpu_lines + header[-1:] + [train_cmd]) + "\n"
+        resources, train_lines = train_command(config, run, options)
+        scripts[f"{tag}-train.sbatch"] = "\n".join(header[:-1] + resources + header[-1:] + train_lines) + "\n"
 
         previous_train = f"$train_v{v - 1:04d}" if v > config.start else ""
         lo, hi = data_window(v, config.lag, config.window)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from roll.distributed import LaunchConfig
 from roll.errors import RollError
 from roll.options import VERSION_MAX, Bounded, Range, config_options, config_values
 from roll.pipeline.iterate import IterateConfig
@@ -222,40 +223,44 @@ def ope(run_path, **values):
 @run_option
 @config_options(TrainConfig)
 @click.option("--nproc", default=1, type=Bounded(int, Range(1, 1024)),
-              help="Processes: >1 relaunches this command under torchrun (DDP; gloo on CPU).")
+              help="Processes on this machine: >1 (or --nnodes > 1) relaunches this command under torchrun "
+                   "(DDP; gloo on CPU).")
+@config_options(LaunchConfig)
 def train(run_path, nproc, **values):
     """Update policy v to v+1 with an objective on rollouts of versions [v-L-W+1, v-L].
 
     Runs verify and score first on selected versions that lack them (and, for apo, samples the version-0
-    completions it reads).
+    completions it reads). On several machines, run the same command once on each (`srun` does) with
+    --nnodes N and the first machine as --rdzv-endpoint; the run directory must be one every machine sees.
 
     \b
     Example:
       roll generate && roll train --objective stable-pess
       roll train --log-to tensorboard && tensorboard --logdir runs/default/logs/tensorboard
+      srun --ntasks-per-node=1 roll train --nnodes 2 --nproc 8 --rdzv-endpoint node001:29400 --rdzv-id "$SLURM_JOB_ID"
     """
     from roll.pipeline.prepare import prepare_update
     from roll.sinks import check_sinks, log_update
     from roll.stages.train import run as run_train
 
     check_sinks(values["log_to"] or ())  # before ensure_run may create a run
-    root = ensure_run(run_path).root
+    launch = LaunchConfig(**config_values(LaunchConfig, values))
+    # across machines the run must already be there: a node that does not mount it must not make its own
+    root = (existing_run(run_path) if launch.nnodes > 1 else ensure_run(run_path)).root
     config = TrainConfig(run=root, **config_values(TrainConfig, values))
-    if os.environ.get("RANK", "0") == "0":
+    relaunch = nproc > 1 or launch.nnodes > 1 or launch.rdzv_endpoint is not None
+    if os.environ.get("RANK", "0") == "0" and launch.nnodes == 1:
         # verify, score, apo's version-0 samples: in this process before torchrun starts the ranks, or under
-        # torchrun in rank 0 alone while the others wait for it in train's process-group set-up
-        prepare_update(config, world=nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
-    if nproc > 1:
-        import subprocess
+        # torchrun in rank 0 alone while the others wait for it in train's process-group set-up (across
+        # machines always the latter: every machine runs this command, and only one may prepare)
+        prepare_update(config, world=nproc if relaunch else int(os.environ.get("WORLD_SIZE", "1")))
+    if relaunch:
+        from roll.distributed import launch as launch_torchrun
 
+        launcher = {"--nproc", "--run", *(f"--{name.replace('_', '-')}" for name in config_values(LaunchConfig, values))}
         argv = sys.argv[sys.argv.index("train") + 1:]
-        argv = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
-                and not a.startswith("--nproc=")]
-        argv = [a for i, a in enumerate(argv) if a != "--run" and (i == 0 or argv[i - 1] != "--run")]
-        # the run travels in $ROLL_RUN: torchrun's parser would take `--run` for its own --run-path
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                   "-m", "roll", "train", *argv]
-        sys.exit(subprocess.call(command, env={**os.environ, "ROLL_RUN": str(root)}))
+        argv = [a for i, a in enumerate(argv) if a.split("=")[0] not in launcher and (i == 0 or argv[i - 1] not in launcher)]
+        sys.exit(launch_torchrun(launch, nproc, argv, str(root)))
     summary = run_train(config)
     if summary.get("rank", 0) == 0:
         if config.log_to and not summary["skipped"]:
@@ -419,6 +424,11 @@ def slurm_render(run_path, out, **values):
     \b
     Example:
       roll slurm render --iterations 4 --array-size 8 --gpus-per-train 2 --lag 1 --out slurm/ && bash slurm/submit.sh
+
+    \b
+    On several nodes (train: 2 nodes × 8 GPUs under srun, one torchrun agent each; arrays: 16 tasks, 1 GPU each):
+      roll slurm render --run /shared/runs/r1 --iterations 4 --nodes 2 --gpus-per-node 8 \\
+        --array-size 16 --gpus-per-task 1 --out slurm/ && bash slurm/submit.sh
     """
     from roll.pipeline.slurm import render, write
 

@@ -7,12 +7,81 @@ group of one), which is how it is checked on one GPU.
 
 Weights and optimiser state leave and enter through full (unsharded), name-keyed state dicts, so a state
 saved by P ranks resumes in any number of processes, under DDP, FSDP or none (DESIGN §3.1a).
+
+`launch` is torchrun's agent run inside `roll train --nproc P [--nnodes N …]`: one agent per machine, every
+agent meeting the others over c10d at `--rdzv-endpoint` (DESIGN §5). A rendezvous that cannot complete ends
+in one line after `--rdzv-timeout` seconds, before any rank exists, so nothing is committed.
 """
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 
 from roll.errors import RollError
+from roll.options import TIMEOUT_MAX, option
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    nnodes: int = option(1, "N: machines training together, each running this command once (one torchrun agent, "
+                            "--nproc ranks); >1 needs --rdzv-endpoint.", min=1, max=4096)
+    rdzv_endpoint: str | None = option(None, "HOST:PORT where the agents meet (c10d): the first node's host name "
+                                             "and a free port, the same on every node.", show_default=False)
+    rdzv_id: str = option("roll", "Rendezvous id, the same on every node and unique per job (e.g. the Slurm job id).")
+    rdzv_timeout: int = option(600, "Seconds to wait for all --nnodes agents to join before giving up "
+                                    "(torchrun's join_timeout, whole seconds).", min=1, max=int(TIMEOUT_MAX))
+
+
+def torchrun_args(launch: LaunchConfig, nproc: int, argv: list[str]) -> list[str]:
+    """torchrun's arguments for `roll train argv` on `nproc` ranks of this machine: `--standalone` on one
+    machine, else a c10d rendezvous of `launch.nnodes` agents."""
+    if launch.nnodes == 1 and launch.rdzv_endpoint is None:
+        where = ["--standalone"]
+    else:
+        if launch.rdzv_endpoint is None:
+            raise RollError(f"--nnodes {launch.nnodes} needs --rdzv-endpoint HOST:PORT (the first node's host name "
+                            "and a port free there, the same on every node)")
+        where = ["--nnodes", str(launch.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint,
+                 "--rdzv-id", launch.rdzv_id, "--rdzv-conf", f"join_timeout={launch.rdzv_timeout}"]
+    return [*where, "--nproc-per-node", str(nproc), "-m", "roll", "train", *argv]
+
+
+def launch(config: LaunchConfig, nproc: int, argv: list[str], run: str) -> int:
+    """Run torchrun's agent in this process for `roll train argv` (the run in $ROLL_RUN: torchrun's parser
+    would take `--run` for its own --run-path); the exit status. A rendezvous or a rank that fails is said in
+    one line (each rank says its own error itself) rather than torchrun's traceback and failure table; a
+    rendezvous that fails is a RollError, after which nothing has run."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import parse_args, run as torchrun
+
+    args = parse_args(torchrun_args(config, nproc, argv))
+    previous, os.environ["ROLL_RUN"] = os.environ.get("ROLL_RUN"), run  # the ranks inherit this environment
+    if "LOGLEVEL" not in os.environ:  # torchrun's own switch: LOGLEVEL=INFO shows the agent's rendezvous log
+        # the agent's own log lines (rendezvous retries, its failure report) would bury the one line below
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun(args)
+    except RendezvousError as exc:
+        joined = f"{config.nnodes} agents (--nnodes)" if config.nnodes > 1 else "its ranks"
+        raise RollError(f"the rendezvous at {config.rdzv_endpoint or 'localhost'} (id {config.rdzv_id}) did not gather "
+                        f"{joined} within {config.rdzv_timeout} s ({type(exc).__name__}); nothing was trained. Does "
+                        "every node run this command with the same --rdzv-endpoint and --rdzv-id, and reach that "
+                        "port?") from None
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        print(f"roll: rank {rank} on {failure.hostname} exited with status {failure.exitcode} (its error is above)",
+              file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    finally:
+        if previous is None:
+            os.environ.pop("ROLL_RUN", None)
+        else:
+            os.environ["ROLL_RUN"] = previous
+    return 0
 
 
 class Distributed:

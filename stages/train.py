@@ -299,7 +299,24 @@ def select_rows(run_dir: Run, version: int, config: TrainConfig, dist) -> tuple[
                         f"run `roll generate --version {hi}`)")
     check_prepared(run_dir, data_versions, config)
     rows = take_slice(load_rows(run_dir, lo, hi), config)
+    check_same_rows(rows, version, dist)
     return check_groups(rows, config, dist), data_versions
+
+
+def check_same_rows(rows: Window, version: int, dist) -> None:
+    """Every rank reads the window itself (from a run directory that, across machines, each node mounts): refuse,
+    on every rank at once, an update whose ranks read different rows — a shard committed between their reads,
+    or a node that sees another directory or a stale cache of it — rather than train each rank on other data."""
+    import hashlib
+
+    if not dist.active:
+        return
+    mine = hashlib.sha256(repr([rows.scalars[k] for k in ("policy_version", "prompt_id", "sample_index", "reward")])
+                          .encode()).hexdigest()
+    if not dist.all_true(dist.broadcast(mine) == mine):
+        raise RollError(f"the ranks of update {version} -> {version + 1} read different rows of its window (rank "
+                        f"{dist.rank}: {len(rows)} rows): is the run directory one shared file system every node sees, "
+                        "and was nothing committed into the window while training started?")
 
 
 def check_prepared(run_dir: Run, data_versions: list[int], config: TrainConfig) -> None:

@@ -1,8 +1,9 @@
 """Slurm: the rendered scripts pass shellcheck, run as concurrent array tasks, and run on a real Slurm.
 
-Real processes only. The real-Slurm test starts its own single-node cluster (munged, slurmctld, slurmd on
-127.0.0.1, everything in a temp folder, on free ports), submits `submit.sh` with sbatch and stops the daemons
-by pid at the end. Where Slurm or shellcheck is not installed the test is skipped with the reason, except
+Real processes only. The real-Slurm tests start their own cluster of two nodes on this machine (munged,
+slurmctld, and one slurmd per node — named after this host and `localhost`, both names that resolve here — on
+127.0.0.1, everything in a temp folder, on free ports), submit with sbatch and stop the daemons by pid at the
+end. Where Slurm or shellcheck is not installed the test is skipped with the reason, except
 under CI (the CI environment variable set, as .ci/run does), where it fails instead: .ci/run installs them.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from roll.store import Run, query
+
+from conftest import fixed_data_run, roll_cli
 
 GENERATE = "--prompts 6 --group-size 4 --max-new-tokens 16"
 ARRAY = 2  # tasks per generate/verify/score array
@@ -109,7 +112,8 @@ def counts(run: Path, table: str) -> list[tuple]:
     [],
     ["--lag", "1", "--window", "2", "--start", "1"],
     ["--gpus-per-train", "2", "--partition", "gpu", "--account", "lab", "--train-args", "--objective ppo"],
-], ids=["plain", "lag-window-start", "torchrun-partition"])
+    ["--nodes", "2", "--gpus-per-node", "8", "--gpus-per-task", "1", "--lag", "1", "--train-args", "--objective ppo"],
+], ids=["plain", "lag-window-start", "torchrun-partition", "nodes"])
 def test_rendered_scripts_pass_shellcheck(tmp_path, options):
     shellcheck = require("shellcheck", what="shellcheck")["shellcheck"]
     scripts = render(tmp_path / "a run with spaces", tmp_path / "out", 3, *options)
@@ -117,6 +121,20 @@ def test_rendered_scripts_pass_shellcheck(tmp_path, options):
     proc = subprocess.run([shellcheck, "--shell=bash", "--severity=style", *map(str, scripts.values())],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpus_per_train_is_gpus_per_node_on_one_node_and_the_two_must_agree(tmp_path):
+    from click.testing import CliRunner
+
+    from roll.cli import cli
+
+    one = render(tmp_path / "run", tmp_path / "a", 1, "--gpus-per-train", 2)
+    same = render(tmp_path / "run", tmp_path / "b", 1, "--gpus-per-node", 2)
+    assert [p.read_text() for p in one.values()] == [p.read_text() for p in same.values()]
+    result = CliRunner().invoke(cli, ["slurm", "render", "--run", str(tmp_path / "run"), "--gpus-per-train", "2",
+                                      "--gpus-per-node", "4", "--nodes", "2"])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        "roll: error: --gpus-per-train 2 and --gpus-per-node 4 disagree: give --gpus-per-node (with --nodes) alone"]
 
 
 def test_score_skips_pi_ref_only_when_the_rendered_objective_never_reads_it(tmp_path):
@@ -198,18 +216,17 @@ SLURM_CONF = """\
 ClusterName=roll-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={dir}/munge/munge.socket
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 PlugStackConfig={dir}/plugstack.conf
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -224,8 +241,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=600
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=roll Nodes={host} Default=YES MaxTime=INFINITE State=UP
+NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} Port={port_a} CPUs={cpus} State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 NodeHostname={host} Port={port_b} CPUs={cpus} State=UNKNOWN
+PartitionName=roll Nodes={host},localhost Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -249,7 +267,8 @@ def gone(pid: int) -> bool:
 
 
 class Cluster:
-    """munged, slurmctld and slurmd for this test module, as child processes in the foreground."""
+    """munged, slurmctld and two slurmd (two nodes of one machine) for this test module, as child processes in
+    the foreground. Debian's slurmd runs twice on one host given distinct NodeName (-N) and Port."""
 
     def __init__(self, folder: Path, programs: dict[str, str]):
         self.dir, self.programs = folder, programs
@@ -258,24 +277,25 @@ class Cluster:
 
     def start(self) -> None:
         d, host = self.dir, socket.gethostname().split(".")[0]
-        for sub in ("munge", "state", "spool"):
+        for sub in ("munge", "state"):
             (d / sub).mkdir(parents=True)
         os.chmod(d / "munge", 0o755)
         key = d / "munge" / "munge.key"  # a fresh key: nothing of the machine's own munge is touched
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)
         (d / "plugstack.conf").write_text("")
-        ctld_port, slurmd_port = free_ports(2)
-        (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, dir=d, ctld_port=ctld_port,
-                                                        slurmd_port=slurmd_port, cpus=ARRAY))
+        ctld_port, port_a, port_b = free_ports(3)
+        (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, dir=d, ctld_port=ctld_port, port_a=port_a,
+                                                        port_b=port_b, cpus=ARRAY))
         m = d / "munge"
         self.launch("munged", [self.programs["munged"], "--foreground", "--force", f"--socket={m}/munge.socket",
                                f"--key-file={key}", f"--log-file={m}/munged.log", f"--pid-file={m}/munged.pid",
                                f"--seed-file={m}/munged.seed"])
         self.wait_for(lambda: (m / "munge.socket").exists(), "munged's socket", 10)
         self.launch("slurmctld", [self.programs["slurmctld"], "-D", "-i", "-f", str(d / "slurm.conf")])
-        self.launch("slurmd", [self.programs["slurmd"], "-D", "-f", str(d / "slurm.conf"), "-N", host])
-        self.wait_for(lambda: self.sinfo() == "idle", "the node to be idle in sinfo", 30)
+        for node in (host, "localhost"):
+            self.launch(f"slurmd-{node}", [self.programs["slurmd"], "-D", "-f", str(d / "slurm.conf"), "-N", node])
+        self.wait_for(lambda: self.sinfo() == "idle", "both nodes to be idle in sinfo", 30)
 
     def launch(self, name: str, argv: list[str]) -> None:
         with open(self.dir / f"{name}.stdout", "w") as log:  # the child keeps its own copy of the descriptor
@@ -305,7 +325,7 @@ class Cluster:
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             subprocess.run([self.programs["scancel"], "--user", str(os.getuid())], env=self.env,
                            capture_output=True, check=False)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*(n for n in self.procs if n.startswith("slurmd-")), "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -320,7 +340,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A single-node Slurm of our own (own conf, ports, munge socket and key), stopped by pid afterwards."""
+    """A two-node Slurm of our own (own conf, ports, munge socket and key), stopped by pid afterwards."""
     programs = require("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel",
                        what="Slurm (slurmctld, slurmd, slurm-client, munge)")
     if os.geteuid() != 0:
@@ -396,3 +416,43 @@ def test_real_slurm_runs_two_iterations_like_roll_iterate(tmp_path, tiny_model_d
     for table in ("steps", "groups"):
         per_version = f"select policy_version, count(*) from {table} group by 1 order by 1"
         assert query(a, per_version).fetchall() == query(b, per_version).fetchall(), table
+
+
+def test_real_slurm_trains_on_two_nodes_as_one_process_does(tmp_path, tiny_model_dir, slurm_cluster):
+    """`roll slurm render --nodes 2`'s train job on the two-node cluster: srun starts one agent per node, they
+    meet at the allocation's first node, and the v1 of the two ranks is one process's v1 within the bound that
+    tests/test_distributed.py derives (one Adam step)."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = init(tmp_path / "two nodes", tiny_model_dir)
+    fixed_data_run(run)
+    reference = tmp_path / "one process"
+    shutil.copytree(run, reference)
+    step = "--objective stable-pess --mini-batch 1000 --micro-batch 4 --lr 1e-3"
+    scripts = render(run, tmp_path / "scripts", 1, "--nodes", 2, "--train-args", step)
+    (run / "slurm").mkdir()
+    # MASTER_PORT (which the script prefers to its port from the job id): other test runs on this machine
+    # number their jobs from 1 too
+    env = {**slurm_cluster.env, "MASTER_PORT": str(free_ports(1)[0])}
+    submit = subprocess.run([slurm_cluster.programs["sbatch"], "--parsable", str(scripts["v0000-train.sbatch"])],
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    roll_cli("train", "--run", reference, *step.split())  # the reference, while Slurm works
+    jobs = wait_for_jobs(slurm_cluster, timeout=300)
+    # the whole output: after the update, the agent that did not host the rendezvous store may log torch's C++
+    # warning (a trace of ~40 lines) that the store went away while it closed the rendezvous
+    output = "\n".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+    assert jobs.get(job) == "COMPLETED", f"{jobs}\n{output[-3000:]}\n{slurm_cluster.logs()}"
+    shown = subprocess.run([which("scontrol"), "show", "job", job, "-o"], env=env, capture_output=True, text=True,
+                           check=True).stdout
+    assert "NumNodes=2 " in shown and "NodeList=" in shown, shown
+    assert summary(output)["version"] == 1 and summary(output)["steps"] == 1, output[-3000:]
+
+    a = load_file(Run(run).policy_dir(1) / "model.safetensors")
+    b = load_file(Run(reference).policy_dir(1) / "model.safetensors")
+    before = load_file(Run(run).policy_dir(0) / "model.safetensors")
+    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-4  # an optimiser step happened
+    gaps = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert gaps.max().item() <= 1.3 * 2 * 1e-3 * 1 and gaps.median().item() < 1.2e-7, gaps.median()
