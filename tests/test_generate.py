@@ -98,11 +98,11 @@ def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
 
 
 def test_generate_killed_mid_run_then_rerun_completes(run_dir, tmp_path):
-    args = [sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--prompts", 24,
-            "--group-size", 8, "--max-new-tokens", 48, "--batch-size", 4]
+    args = [sys.executable, "-m", "roll", "generate", "--run", str(run_dir), "--prompts", 8,
+            "--group-size", 8, "--max-new-tokens", 48, "--batch-size", 8]
     reference = tmp_path / "reference"
     shutil.copytree(run_dir, reference)
-    # killed once the progress bar is drawn, i.e. while the first of 6 batches samples
+    # killed once the progress bar is drawn, i.e. while the first of 8 batches (one prompt's 8 samples) samples
     kill_once_progress_is_drawn(args, "generate v0")
     r = Run(run_dir)
     directory = r.version_dir("rollouts", 0)
@@ -110,7 +110,7 @@ def test_generate_killed_mid_run_then_rerun_completes(run_dir, tmp_path):
     assert query(r, "select count(*) from rollouts").fetchall() == [(0,)]
     roll_cli(*args[3:])
     roll_cli(*[a if a != str(run_dir) else str(reference) for a in args[3:]])  # uninterrupted
-    assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(192, 24)]
+    assert query(r, "select count(*), count(distinct prompt_id) from rollouts").fetchall() == [(64, 8)]
     assert [p.name for p in directory.iterdir()] == ["part-00000-of-00001.parquet"]
     same = "select prompt_id, sample_index, token_ids from rollouts order by 1, 2"
     assert query(r, same).fetchall() == query(Run(reference), same).fetchall()
