@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import fixed_data_run, roll_cli
 from roll.store import Run, Shard, read_table
+from roll.store.sql import query
 
 TRAIN = ("--mini-batch", "24", "--micro-batch", "24", "--seed", "3")
 EXPORT = ("select prompt_id, sample_index, token_ids, completion, behaviour_logprobs, reward, temperature, top_p, "
@@ -198,3 +199,27 @@ def test_files_written_before_a_column_was_added_read_with_its_stated_value(run_
 
         check_schema(pq.read_table(run.shard_path("rollouts", 0, Shard(0, 1))).drop_columns(["policy_version"]),
                      "rollouts", "x")
+
+
+def test_roll_sql_reads_files_from_before_a_column_was_added_as_read_table_does(run_dir):
+    """A run made by an earlier roll (rollouts without `model_version` and `source`, scores without
+    `behaviour_checkpoint`) beside files of this roll: `roll sql` shows the old rows with ADDED_COLUMNS' values
+    (the copied version, 'generate'), the new rows with their own, in one view."""
+    fixed_data_run(run_dir)
+    run = Run(run_dir)
+    path = run.shard_path("rollouts", 0, Shard(0, 1))
+    new = pq.read_table(path)
+    pq.write_table(new.drop_columns(["model_version", "source"]), path)
+    scores = run.shard_path("scores", 0, Shard(0, 1))
+    pq.write_table(pq.read_table(scores).drop_columns(["behaviour_checkpoint"]), scores)
+    # version 1's rows as this roll writes them, imported-looking, so the two kinds of file differ in value too
+    imported = new.set_column(new.schema.get_field_index("policy_version"), "policy_version",
+                              pa.array([1] * new.num_rows, pa.int64()))
+    imported = imported.set_column(imported.schema.get_field_index("model_version"), "model_version",
+                                   pa.array([None] * new.num_rows, pa.int64()))
+    imported = imported.set_column(imported.schema.get_field_index("source"), "source",
+                                   pa.array(["import x.jsonl"] * new.num_rows, pa.string()))
+    run.commit_shard("rollouts", 1, path.name, imported)
+    got = query(run, "select policy_version, model_version, source, count(*) from rollouts group by all order by 1")
+    assert got.fetchall() == [(0, 0, "generate", new.num_rows), (1, None, "import x.jsonl", new.num_rows)]
+    assert query(run, "select distinct behaviour_checkpoint from scores").fetchall() == [(0,)]

@@ -2,6 +2,7 @@
 table or file holds them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -119,14 +120,22 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
-# Columns added after files of their table were first written, with the value an older file's rows read as
-# (a constant, or a function of the table): a run made by an earlier roll stays readable (and `roll sql`
-# shows NULL there, DuckDB's union by name).
+@dataclass(frozen=True)
+class CopyOf:
+    """An added column whose value, in a file written before it existed, is another column's (ADDED_COLUMNS)."""
+
+    column: str
+
+
+# Columns added after files of their table were first written, with the value an older file's rows read as:
+# a constant (None is null) or CopyOf another column. A run made by an earlier roll stays readable, and reads
+# the same through `read_table` and through `roll sql` (roll/store/sql.py turns each into a SQL expression).
 ADDED_COLUMNS: dict[str, dict[str, object]] = {
-    "rollouts": {"model_version": lambda table: table.column("policy_version"), "source": "generate"},
-    "scores": {"behaviour_checkpoint": lambda table: table.column("policy_version")},
+    "rollouts": {"model_version": CopyOf("policy_version"), "source": "generate"},
+    "scores": {"behaviour_checkpoint": CopyOf("policy_version")},
     "verdicts": {"reward_terms": None},
 }
+
 
 # Float columns that must hold finite numbers: a NaN reward would silently poison every update downstream.
 FINITE_COLUMNS = {"verdicts": ("reward",)}
@@ -154,7 +163,8 @@ def check_schema(table: pa.Table, name: str, where: str | Path) -> pa.Table:
         if column_name not in table.column_names:
             field = schema.field(column_name)
             try:
-                column = value(table) if callable(value) else pa.array([value] * table.num_rows, field.type)
+                column = (table.column(value.column) if isinstance(value, CopyOf)
+                          else pa.array([value] * table.num_rows, field.type))
             except KeyError:  # what it is made from is missing too: refused by name below
                 continue
             table = table.append_column(field, column)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from roll.errors import RollError
 from roll.store.commit import file_columns
-from roll.store.schemas import ADDED_COLUMNS, SAMPLES_TABLES, SCHEMAS, SHARDED_TABLES, empty_table
+from roll.store.schemas import ADDED_COLUMNS, SAMPLES_TABLES, SCHEMAS, SHARDED_TABLES, CopyOf, empty_table
 
 if TYPE_CHECKING:  # for annotations only: Run.connect calls back into this module
     from roll.store.run import Run
@@ -29,8 +29,9 @@ def connect(run: Run, versions: range | None = None, tables: set[str] | None = N
     views are made: creating a view reads the footer of every file it lists, which over 100 versions
     of history was slower than the query itself. Every listed file has passed `check_file` (a file
     whose content disagrees with its place is refused, or with mismatched="skip" left out with a line
-    on stderr); files are matched by column name, and unioned by name (which reads every footer again
-    at bind time) only when their columns differ (a file with extra columns). `memory_limit` sets
+    on stderr); files with the same columns are read together, and only files whose columns differ (an earlier
+    roll's, lacking an added column; a file with extra columns) are read apart and stacked by name, each with
+    its missing ADDED_COLUMNS filled as `read_table` fills them. `memory_limit` sets
     DuckDB's own cap (e.g. '4GB') before the configuration is locked.
 
     The connection is sandboxed before any view exists, with DuckDB's own settings (checked on DuckDB
@@ -64,11 +65,15 @@ def connect(run: Run, versions: range | None = None, tables: set[str] | None = N
     for table in (t for t in SCHEMAS if t in wanted):
         files = run.committed_files(table, versions if table in SHARDED_TABLES else None, mismatched)
         if files:
-            listed = "[" + ", ".join(_sql_str(str(f)) for f in files) + "]"
-            columns = {file_columns(f) for f in files}
-            union = len(columns) > 1
-            con.execute(f"CREATE VIEW {table} AS SELECT *{_absent_columns(table, columns)} FROM read_parquet({listed}, "
-                        f"union_by_name={str(union).lower()}, hive_partitioning=false)")
+            by_columns: dict[tuple[str, ...], list] = {}
+            for f in files:
+                by_columns.setdefault(file_columns(f), []).append(f)
+            # one read per set of columns, each with the added columns its files lack filled as read_table fills
+            # them (ADDED_COLUMNS), then stacked by name
+            reads = [f"SELECT *{_absent_columns(table, columns)} FROM read_parquet("
+                     f"[{', '.join(_sql_str(str(f)) for f in group)}], hive_partitioning=false)"
+                     for columns, group in by_columns.items()]
+            con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(reads))
         else:  # a view over an empty Arrow table: the catalog lists the view alone
             con.from_arrow(empty_table(table)).create_view(table)
     if "samples" in wanted:
@@ -84,12 +89,20 @@ def connect(run: Run, versions: range | None = None, tables: set[str] | None = N
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
 
 
-def _absent_columns(table: str, columns: set[tuple[str, ...]]) -> str:
-    """`, CAST(NULL AS type) AS name` for each added column (ADDED_COLUMNS, read as NULL) that no file holds: a run
-    made by an earlier roll has the column too. Where some files hold it, union_by_name gives the others NULL."""
-    absent = [name for name in ADDED_COLUMNS.get(table, {}) if not any(name in c for c in columns)]
-    assert all(ADDED_COLUMNS[table][name] is None for name in absent), "only NULL is written here"
-    return "".join(f", CAST(NULL AS {DUCKDB_TYPES[SCHEMAS[table].field(name).type]}) AS {name}" for name in absent)
+def _absent_columns(table: str, columns: tuple[str, ...]) -> str:
+    """`, CAST(value AS type) AS name` for each added column (ADDED_COLUMNS) that files with these `columns`
+    lack: the constant, NULL, or the column it copies, so that an earlier roll's files read as `read_table`
+    reads them."""
+    fills = []
+    for name, value in ADDED_COLUMNS.get(table, {}).items():
+        if name in columns:
+            continue
+        if isinstance(value, CopyOf):
+            expression = '"' + value.column.replace('"', '""') + '"'
+        else:
+            expression = "NULL" if value is None else _sql_str(value) if isinstance(value, str) else repr(value)
+        fills.append(f", CAST({expression} AS {DUCKDB_TYPES[SCHEMAS[table].field(name).type]}) AS {name}")
+    return "".join(fills)
 
 
 def referenced_tables(sql: str) -> set[str]:
