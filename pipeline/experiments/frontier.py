@@ -2,9 +2,12 @@
 `python -m roll.pipeline.experiments.grid runs/frontier --grid frontier`.
 
     python -m roll.pipeline.experiments.frontier runs/frontier --out docs/frontier
+    python -m roll.pipeline.experiments.frontier runs/frontier --earlier docs/frontier --out docs/frontier
 
 Reads every finished cell (variant-staleness-seedN with iterate.json) through the same SQL as the first grid
-(pipeline/experiments/experiment.py) and writes into --out:
+(pipeline/experiments/experiment.py); with --earlier, also the cells of earlier tables (a directory this wrote)
+that the grid directory does not hold — a grid's run directories go with their machine, its committed tables
+stay. A cell in both is read from its run directory. Writes into --out:
 
     evals.csv         per cell and evaluated version: optimiser steps, pass@1 and its standard error, pass@k
     steps.csv         every optimiser step of every cell (the steps table, with the cell)
@@ -158,15 +161,33 @@ def plot(runs, evals, steps, out: Path) -> None:
     save(fig, [ax for row in axes for ax in row], out / "diagnostics.png")
 
 
+def earlier_cells(directory: Path, fresh: set[str]):
+    """(runs, evals, steps, regimes) of the cells in directory's evals/steps/regimes CSVs not named in fresh."""
+    from pyarrow import csv
+
+    def read(name: str) -> list[dict]:
+        return [row for row in csv.read_csv(directory / name).to_pylist() if row["cell"] not in fresh]
+
+    evals, steps, regimes = read("evals.csv"), read("steps.csv"), read("regimes.csv")
+    runs = {row["cell"]: {key: row[key] for key in ("cell", "objective", "staleness", "seed")} for row in evals}
+    return list(runs.values()), evals, steps, regimes
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/frontier"))
+    parser.add_argument("--earlier", type=Path, help="add the cells of this earlier --out that the grid lacks")
     args = parser.parse_args(argv)
     runs, evals, steps, groups = collect(args.grid)
+    regimes = regime_rows(groups) if groups is not None else []
+    if args.earlier:
+        more = earlier_cells(args.earlier, {run["cell"] for run in runs})
+        runs, evals, steps, regimes = (sorted(a + b, key=lambda row: row["cell"]) for a, b in
+                                       zip((runs, evals, steps, regimes), more))
     if not runs:
         raise SystemExit(f"{args.grid}: no finished cells (directories named variant-staleness-seedN with iterate.json)")
-    write_csvs(args.out, {"evals.csv": evals, "steps.csv": steps, "regimes.csv": regime_rows(groups)})
+    write_csvs(args.out, {"evals.csv": evals, "steps.csv": steps, "regimes.csv": regimes})
     summary = summarise(runs, evals, steps)
     (args.out / "summary.md").write_text(f"Cells that ran ({len(runs)}): {', '.join(r['cell'] for r in runs)}\n\n"
                                          + summary)
