@@ -3,11 +3,13 @@
 
     python -m roll.pipeline.experiments.frontier runs/frontier --out docs/frontier
     python -m roll.pipeline.experiments.frontier runs/frontier --earlier docs/frontier --out docs/frontier
+    python -m roll.pipeline.experiments.frontier runs/chain --out docs/chain      (issue 24's chain grid)
 
 Reads every finished cell (variant-staleness-seedN with iterate.json) through the same SQL as the first grid
 (pipeline/experiments/experiment.py); with --earlier, also the cells of earlier tables (a directory this wrote)
 that the grid directory does not hold — a grid's run directories go with their machine, its committed tables
-stay. A cell in both is read from its run directory. Writes into --out:
+stay. A cell in both is read from its run directory. The tables hold the variants, staleness kinds and
+evaluation steps the cells have (the chain grid: four variants, lag0 and lag32, 64 steps). Writes into --out:
 
     evals.csv         per cell and evaluated version: optimiser steps, pass@1 and its standard error, pass@k
     steps.csv         every optimiser step of every cell (the steps table, with the cell)
@@ -47,7 +49,16 @@ def finals(runs, by_run) -> dict[tuple[str, str], dict[int, float]]:
     return out
 
 
+def present(runs) -> tuple[list[str], list[str]]:
+    """The variants and the staleness kinds (lag0 first) that the cells ran, in the tables' order."""
+    return ([v for v in VARIANTS if any(r["objective"] == v for r in runs)],
+            [s for s in STALENESS if any(r["staleness"] == s for r in runs)])
+
+
 def summarise(runs, evals, steps) -> str:
+    variants, kinds = present(runs)
+    evaluated = sorted({row["optimizer_steps"] for row in evals})
+    pairs = [(a, b) for a, b in PAIRS if a in variants and b in variants]
     by_run: dict[str, list[dict]] = {}
     for row in evals:
         by_run.setdefault(row["cell"], []).append(row)
@@ -57,26 +68,28 @@ def summarise(runs, evals, steps) -> str:
     steps_of: dict[str, list[dict]] = {}
     for s in steps:
         steps_of.setdefault(s["cell"], []).append(s)
-    lines = ["| variant | staleness | seeds | pass@1 step 0 | 32 | 64 | 96 | collapsed | ESS share | (log ρ)² | "
-             "masked/clipped | Δ mean | KL(π_b‖π_θ) | entropy |", "|---|---|---|" + "---:|" * 11]
+    lines = [f"| variant | staleness | seeds | pass@1 step {' | '.join(str(n) for n in evaluated)} | collapsed | "
+             "ESS share | (log ρ)² | masked/clipped | Δ mean | KL(π_b‖π_θ) | entropy |",
+             "|---|---|---|" + "---:|" * (len(evaluated) + 7)]
     for key in sorted(cells, key=lambda k: (STALENESS.index(k[1]), VARIANTS.index(k[0]))):
         members = sorted(cells[key], key=lambda r: r["seed"])
         evaluations = [by_run[r["cell"]] for r in members]
         points = [fmt(mean_std([100 * e[j]["pass1"] for e in evaluations])) if all(len(e) > j for e in evaluations)
-                  else "–" for j in range(4)]
+                  else "–" for j in range(len(evaluated))]
         # diagnostics: means over the last third of each cell's steps, then over seeds
         tail = [s for r in members for s in steps_of[r["cell"]][len(steps_of[r["cell"]]) * 2 // 3:]]
         diag = [sum(s[name] for s in tail) / len(tail) for name, _ in DIAGNOSTICS]
-        lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in members)} | {' | '.join(points[:3])} | "
-                     f"**{points[3]}** | {sum(collapsed(e) for e in evaluations)}/{len(members)} | {diag[0]:.3f} | "
+        lines.append(f"| {key[0]} | {key[1]} | {','.join(str(r['seed']) for r in members)} | {' | '.join(points[:-1])} | "
+                     f"**{points[-1]}** | {sum(collapsed(e) for e in evaluations)}/{len(members)} | {diag[0]:.3f} | "
                      f"{diag[1]:.4f} | {diag[2]:.3f} | {diag[3]:+.3f} | {diag[4]:.4f} | {diag[5]:.3f} |")
     final = finals(runs, by_run)
     lines += ["", "Paired differences of final held-out pass@1 (points), mean [95 % t-interval over the seeds both "
-              "cells ran]; at lag 0, decoupled-ppo and m2po are ppo's cell and stable-pess-parent stable-pess's:", "",
-              "| staleness | " + " | ".join(f"{a} − {b}" for a, b in PAIRS) + " |", "|---|" + "---:|" * len(PAIRS)]
-    for staleness in STALENESS:
+              "cells ran]; at lag 0, " + ", ".join(f"{v} is {same}'s cell" for v, same in AT_LAG0.items() if v in variants)
+              + ":", "",
+              "| staleness | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|" + "---:|" * len(pairs)]
+    for staleness in kinds:
         row = []
-        for a, b in PAIRS:
+        for a, b in pairs:
             if staleness == "lag0" and AT_LAG0.get(a, a) == AT_LAG0.get(b, b):
                 row.append("0 (the same cell)")
                 continue
@@ -85,10 +98,10 @@ def summarise(runs, evals, steps) -> str:
             row.append(f"{interval([x[s] - y[s] for s in seeds])} (n={len(seeds)})" if seeds else "–")
         lines.append(f"| {staleness} | {' | '.join(row)} |")
     lines += ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
-              "| variant | " + " | ".join(STALENESS[1:]) + " |", "|---|" + "---:|" * 3]
-    for variant in VARIANTS:
+              "| variant | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
+    for variant in variants:
         row = []
-        for staleness in STALENESS[1:]:
+        for staleness in kinds[1:]:
             x, y = final.get((variant, "lag0"), {}), final.get((variant, staleness), {})
             seeds = sorted(set(x) & set(y))
             row.append(interval([x[s] - y[s] for s in seeds]) if seeds else "–")
@@ -140,15 +153,18 @@ def plot(runs, evals, steps, out: Path) -> None:
     cells: dict[tuple[str, str], list[str]] = {}
     for run in runs:
         cells.setdefault((run["objective"], run["staleness"]), []).append(run["cell"])
-    fig, axes = plt.subplots(1, len(STALENESS), figsize=(22, 5.5), sharey=True)
-    for ax, staleness in zip(axes, STALENESS):
+    _, kinds = present(runs)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 5.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, staleness in zip(axes, kinds):
         for key, names in sorted(cells.items(), key=lambda kv: VARIANTS.index(kv[0][0])):
             if key[1] == staleness:
                 band(ax, key, names, evals, "optimizer_steps", "pass1", 100, colours)
         ax.set(title=staleness, xlabel="optimiser steps", ylabel="held-out pass@1 (%), mean ± std over seeds")
     save(fig, list(axes), out / "pass1.png")
-    fig, axes = plt.subplots(len(DIAGNOSTICS), len(STALENESS), figsize=(22, 4 * len(DIAGNOSTICS)), sharex=True)
-    for j, staleness in enumerate(STALENESS):
+    fig, axes = plt.subplots(len(DIAGNOSTICS), len(kinds), figsize=(5.5 * len(kinds), 4 * len(DIAGNOSTICS)),
+                             sharex=True, squeeze=False)
+    for j, staleness in enumerate(kinds):
         for key, names in sorted(cells.items(), key=lambda kv: VARIANTS.index(kv[0][0])):
             if key[1] == staleness:
                 for i, (column, _) in enumerate(DIAGNOSTICS):

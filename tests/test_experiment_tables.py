@@ -1,0 +1,41 @@
+"""The frontier tables script (pipeline/experiments/frontier.py) on a chain-shaped grid: four variants, lag0 and
+lag32, evaluations at 0, 32 and 64 steps. Its paired intervals are checked against a hand computation."""
+from roll.pipeline.experiments.frontier import DIAGNOSTICS, summarise
+
+# final pass@1 (fraction) per (variant, staleness) and seed; the lag-0 equals of ppo and stable-pess are not run
+FINALS = {("ppo", "lag0"): (0.40, 0.44, 0.42), ("stable-pess", "lag0"): (0.41, 0.45, 0.43),
+          ("ppo", "lag32"): (0.30, 0.32, 0.34), ("stable-pess", "lag32"): (0.32, 0.36, 0.40),
+          ("stable-pess-parent", "lag32"): (0.38, 0.38, 0.38), ("decoupled-ppo", "lag32"): (0.20, 0.22, 0.24)}
+
+
+def chain_shaped_grid():
+    runs, evals, steps = [], [], []
+    for (variant, staleness), finals in FINALS.items():
+        for seed, final in enumerate(finals):
+            cell = f"{variant}-{staleness}-seed{seed}"
+            runs.append({"cell": cell, "objective": variant, "staleness": staleness, "seed": seed})
+            for n, pass1 in ((0, 0.25), (32, (0.25 + final) / 2), (64, final)):
+                evals.append({"cell": cell, "optimizer_steps": n, "pass1": pass1, "pass1_se": 0.01})
+            steps += [{"cell": cell, "global_step": g, **{name: 0.5 for name, _ in DIAGNOSTICS}} for g in range(3)]
+    return runs, evals, steps
+
+
+def test_chain_tables_hold_its_evaluation_steps_variants_and_kinds_with_hand_computed_intervals():
+    text = summarise(*chain_shaped_grid())
+    header = text.splitlines()[0]
+    assert header.startswith("| variant | staleness | seeds | pass@1 step 0 | 32 | 64 | collapsed |")
+    # the final column is the last evaluation: ppo at lag 32, mean 32.0, std 2.0 (points)
+    assert "| ppo | lag32 | 0,1,2 | 25.0 ± 0.0 | 28.5 ± 1.0 | **32.0 ± 2.0** | 0/3 |" in text
+    # paired differences; 95 % half-width = t(2) · std / √3 with t(2) = 4.303
+    # stable-pess − ppo at lag32: differences 2, 4, 6 → mean 4, std 2, half 4.969
+    # parent − stable-pess at lag32: 6, 2, −2 → mean 2, std 4, half 9.937
+    # decoupled-ppo − ppo at lag32: −10, −10, −10 → std 0
+    lag32 = next(line for line in text.splitlines() if line.startswith("| lag32 |"))
+    assert lag32 == "| lag32 | +4.0 [-1.0, +9.0] (n=3) | +2.0 [-7.9, +11.9] (n=3) | -10.0 [-10.0, -10.0] (n=3) |"
+    lag0 = next(line for line in text.splitlines() if line.startswith("| lag0 |"))
+    # stable-pess − ppo at lag 0: 1, 1, 1; the other two pairs are one cell there
+    assert lag0 == "| lag0 | +1.0 [+1.0, +1.0] (n=3) | 0 (the same cell) | 0 (the same cell) |"
+    # only the kinds and variants that ran: no sync32 or offline96 column, no m2po or oapl pair
+    assert "sync32" not in text and "offline96" not in text and "m2po" not in text and "oapl" not in text
+    # loss to staleness, ppo: 40−30, 44−32, 42−34 = 10, 12, 8 → mean 10, std 2, half 4.969
+    assert "| ppo | +10.0 [+5.0, +15.0] |" in text
