@@ -19,23 +19,23 @@ TINY = ["--prompts", 2, "--group-size", 2, "--max-new-tokens", 8, "--mini-batch"
 
 
 def test_iterate_keeps_v0_the_evaluated_versions_and_the_latest_n(run_dir):
-    roll_cli("iterate", "--run", run_dir, "--iterations", 30, "--keep-policies", 3, "--eval-every", 10,
+    roll_cli("iterate", "--run", run_dir, "--iterations", 12, "--keep-policies", 3, "--eval-every", 4,
              "--eval-k", 1, "--eval-limit", 2, *TINY, timeout=900)
     r = Run(run_dir)
-    assert r.checkpoint_versions() == [0, 10, 20, 28, 29, 30]  # v0, evaluated 10 and 20 (and 30), the latest 3
+    assert r.checkpoint_versions() == [0, 4, 8, 10, 11, 12]  # v0, evaluated 4 and 8 (and 12), the latest 3
     # nothing else is deleted: every version's rollouts, verdicts, scores and metrics are still there
-    assert query(r, "select count(distinct policy_version) from rollouts").fetchall() == [(30,)]
-    assert query(r, "select count(distinct policy_version) from scores").fetchall() == [(30,)]
-    assert query(r, "select count(distinct policy_version) from steps").fetchall() == [(30,)]
+    assert query(r, "select count(distinct policy_version) from rollouts").fetchall() == [(12,)]
+    assert query(r, "select count(distinct policy_version) from scores").fetchall() == [(12,)]
+    assert query(r, "select count(distinct policy_version) from steps").fetchall() == [(12,)]
     # a collected version keeps only its policy.json, the record that it was committed
-    assert r.policy_versions() == list(range(31))
+    assert r.policy_versions() == list(range(13))
     assert sorted(p.name for p in r.policy_dir(5).iterdir()) == ["policy.json"]
     assert sum(p.stat().st_size for p in r.root.joinpath("policies").rglob("*") if p.is_file()) < \
-        7 * sum(p.stat().st_size for p in r.policy_dir(30).iterdir())
+        7 * sum(p.stat().st_size for p in r.policy_dir(12).iterdir())
     # a rerun of the same command finds everything done, and needs none of the deleted checkpoints
-    again = json.loads(roll_cli("iterate", "--run", run_dir, "--iterations", 30, "--keep-policies", 3,
-                                "--eval-every", 10, "--eval-k", 1, "--eval-limit", 2, *TINY).stdout)
-    assert again["versions"] == 30 and r.checkpoint_versions() == [0, 10, 20, 28, 29, 30]
+    again = json.loads(roll_cli("iterate", "--run", run_dir, "--iterations", 12, "--keep-policies", 3,
+                                "--eval-every", 4, "--eval-k", 1, "--eval-limit", 2, *TINY).stdout)
+    assert again["versions"] == 12 and r.checkpoint_versions() == [0, 4, 8, 10, 11, 12]
 
 
 def test_lagged_iterate_keeps_the_checkpoints_its_future_windows_must_still_score(run_dir):
