@@ -30,12 +30,29 @@ def test_chain_tables_hold_its_evaluation_steps_variants_and_kinds_with_hand_com
     # stable-pess − ppo at lag32: differences 2, 4, 6 → mean 4, std 2, half 4.969
     # parent − stable-pess at lag32: 6, 2, −2 → mean 2, std 4, half 9.937
     # decoupled-ppo − ppo at lag32: −10, −10, −10 → std 0
+    # parent − ppo at lag32: 8, 6, 4 → mean 6, std 2, half 4.969
     lag32 = next(line for line in text.splitlines() if line.startswith("| lag32 |"))
-    assert lag32 == "| lag32 | +4.0 [-1.0, +9.0] (n=3) | +2.0 [-7.9, +11.9] (n=3) | -10.0 [-10.0, -10.0] (n=3) |"
+    assert lag32 == ("| lag32 | +4.0 [-1.0, +9.0] (n=3) | +2.0 [-7.9, +11.9] (n=3) | -10.0 [-10.0, -10.0] (n=3) | "
+                     "+6.0 [+1.0, +11.0] (n=3) |")
     lag0 = next(line for line in text.splitlines() if line.startswith("| lag0 |"))
-    # stable-pess − ppo at lag 0: 1, 1, 1; the other two pairs are one cell there
-    assert lag0 == "| lag0 | +1.0 [+1.0, +1.0] (n=3) | 0 (the same cell) | 0 (the same cell) |"
+    # stable-pess − ppo at lag 0: 1, 1, 1; parent − stable-pess and decoupled-ppo − ppo are one cell there;
+    # parent − ppo there is stable-pess's cell against ppo's: 1, 1, 1
+    assert lag0 == ("| lag0 | +1.0 [+1.0, +1.0] (n=3) | 0 (the same cell) | 0 (the same cell) | "
+                    "+1.0 [+1.0, +1.0] (n=3) |")
     # only the kinds and variants that ran: no sync32 or offline96 column, no m2po or oapl pair
     assert "sync32" not in text and "offline96" not in text and "m2po" not in text and "oapl" not in text
     # loss to staleness, ppo: 40−30, 44−32, 42−34 = 10, 12, 8 → mean 10, std 2, half 4.969
     assert "| ppo | +10.0 [+5.0, +15.0] |" in text
+
+
+def test_lag0_stand_in_clause_only_where_a_stand_in_ran():
+    runs, evals, steps = chain_shaped_grid()
+    only = {"ppo", "stable-pess"}
+    runs = [r for r in runs if r["objective"] in only]
+    kept = {r["cell"] for r in runs}
+    evals = [e for e in evals if e["cell"] in kept]
+    steps = [s for s in steps if s["cell"] in kept]
+    text = summarise(runs, evals, steps)
+    assert "over the seeds both cells ran]:" in text and "at lag 0, " not in text
+    assert ("ran]; at lag 0, decoupled-ppo is ppo's cell, stable-pess-parent is stable-pess's cell:"
+            in summarise(*chain_shaped_grid()))

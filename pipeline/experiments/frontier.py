@@ -31,7 +31,7 @@ STALENESS = ("lag0", "lag32", "sync32", "offline96")
 # lag 0 has one cell for variants equal there by construction (tests): their lag-0 stand-in
 AT_LAG0 = {"decoupled-ppo": "ppo", "m2po": "ppo", "stable-pess-parent": "stable-pess"}
 PAIRS = (("stable-pess", "ppo"), ("stable-pess", "m2po"), ("stable-pess-parent", "stable-pess"),
-         ("oapl-shift", "oapl"), ("decoupled-ppo", "ppo"), ("m2po", "ppo"))
+         ("oapl-shift", "oapl"), ("decoupled-ppo", "ppo"), ("m2po", "ppo"), ("stable-pess-parent", "ppo"))
 DIAGNOSTICS = (("ess", "ESS share of e^Δ"), ("log_ratio_sq_mean", "token-mean (log ρ)²"),
                ("clip_fraction", "masked or clipped token share"), ("log_ratio_mean", "mean signed Δ per sequence"),
                ("kl_behaviour", "KL(π_b‖π_θ) per token (k3)"), ("entropy", "token entropy of π_θ (nats)"))
@@ -83,9 +83,9 @@ def summarise(runs, evals, steps) -> str:
                      f"**{points[-1]}** | {sum(collapsed(e) for e in evaluations)}/{len(members)} | {diag[0]:.3f} | "
                      f"{diag[1]:.4f} | {diag[2]:.3f} | {diag[3]:+.3f} | {diag[4]:.4f} | {diag[5]:.3f} |")
     final = finals(runs, by_run)
+    stand_ins = [f"{v} is {same}'s cell" for v, same in AT_LAG0.items() if v in variants]
     lines += ["", "Paired differences of final held-out pass@1 (points), mean [95 % t-interval over the seeds both "
-              "cells ran]; at lag 0, " + ", ".join(f"{v} is {same}'s cell" for v, same in AT_LAG0.items() if v in variants)
-              + ":", "",
+              "cells ran]" + (f"; at lag 0, {', '.join(stand_ins)}" if stand_ins else "") + ":", "",
               "| staleness | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|" + "---:|" * len(pairs)]
     for staleness in kinds:
         row = []
