@@ -43,6 +43,13 @@ def test_chain_tables_hold_its_evaluation_steps_variants_and_kinds_with_hand_com
     assert "sync32" not in text and "offline96" not in text and "m2po" not in text and "oapl" not in text
     # loss to staleness, ppo: 40−30, 44−32, 42−34 = 10, 12, 8 → mean 10, std 2, half 4.969
     assert "| ppo | +10.0 [+5.0, +15.0] |" in text
+    # what staleness does to a pair, only for pairs that are two cells at lag 0:
+    # stable-pess − ppo: lag32 2, 4, 6 less lag0 1, 1, 1 → 1, 3, 5 → mean 3, std 2, half 4.969
+    # stable-pess-parent − ppo: lag32 8, 6, 4 less lag0 (stable-pess's cell) 1, 1, 1 → 7, 5, 3 → mean 5
+    moved = text.split("What staleness does to a pair")[1].splitlines()
+    assert "| stable-pess − ppo | +3.0 [-2.0, +8.0] |" in moved
+    assert "| stable-pess-parent − ppo | +5.0 [+0.0, +10.0] |" in moved
+    assert not any(line.startswith(("| decoupled-ppo − ppo", "| stable-pess-parent − stable-pess")) for line in moved)
 
 
 def test_lag0_stand_in_clause_only_where_a_stand_in_ran():

@@ -14,7 +14,8 @@ evaluation steps the cells have (the chain grid: four variants, lag0 and lag32, 
     evals.csv         per cell and evaluated version: optimiser steps, pass@1 and its standard error, pass@k
     steps.csv         every optimiser step of every cell (the steps table, with the cell)
     regimes.csv       per cell and version: groups per Lambert regime, mean k, mean signed Δ
-    summary.md        mean ± std over seeds per cell, collapse flags, diagnostics, paired 95 % intervals
+    summary.md        mean ± std over seeds per cell, collapse flags, diagnostics, paired 95 % intervals of
+                      the pairs, of each variant's loss to staleness and of what staleness does to a pair
     pass1.png         held-out pass@1 against optimiser steps, one panel per staleness kind
     diagnostics.png   ESS share, (log ρ)², masked or clipped share, Δ, KL(π_b‖π_θ), entropy per step
 """
@@ -106,6 +107,21 @@ def summarise(runs, evals, steps) -> str:
             seeds = sorted(set(x) & set(y))
             row.append(interval([x[s] - y[s] for s in seeds]) if seeds else "–")
         lines.append(f"| {variant} | {' | '.join(row)} |")
+    # a pair's difference at a stale kind less its difference at lag 0, seed by seed: what staleness does to the
+    # pair (EXPERIMENTS.md's C3); pairs that are one cell at lag 0 have that in the table of differences already
+    moved = [(a, b) for a, b in pairs if AT_LAG0.get(a, a) != AT_LAG0.get(b, b)]
+    if moved and len(kinds) > 1 and kinds[0] == "lag0":
+        lines += ["", "What staleness does to a pair, (a − b at the stale kind) − (a − b at lag 0) (points), paired "
+                  "by seed:", "", "| pair | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
+        for a, b in moved:
+            row = []
+            for staleness in kinds[1:]:
+                a_stale, b_stale = final.get((a, staleness), {}), final.get((b, staleness), {})
+                a_fresh, b_fresh = final.get((a, "lag0"), {}), final.get((b, "lag0"), {})
+                seeds = sorted(set(a_stale) & set(b_stale) & set(a_fresh) & set(b_fresh))
+                row.append(interval([(a_stale[s] - b_stale[s]) - (a_fresh[s] - b_fresh[s]) for s in seeds])
+                           if seeds else "–")
+            lines.append(f"| {a} − {b} | {' | '.join(row)} |")
     return "\n".join(lines) + "\n"
 
 
