@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# One torch (OpenMP) thread a process, as the experiment cells run. pytest-xdist runs two workers, and each
+# starts roll processes of its own: at torch's default of one thread a core, four or more OpenMP threads spin
+# on the 2 cores, and on a busy machine a 22 s test took 102-118 s (a killed update, a chain iteration: 167 s
+# for three tests at 2 threads against 71 s at 1, measured beside two niced grid cells). Set before anything
+# imports torch; subprocesses inherit it. A test that wants another count sets its own (tests/test_warm.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
