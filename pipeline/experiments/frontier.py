@@ -96,11 +96,15 @@ def summarise(runs, evals, steps) -> str:
                 continue
             x, y = final.get((a, staleness), {}), final.get((b, staleness), {})
             seeds = sorted(set(x) & set(y))
-            row.append(f"{interval([x[s] - y[s] for s in seeds])} (n={len(seeds)})" if seeds else "–")
+            row.append((interval([x[s] - y[s] for s in seeds]) + (f" (n={len(seeds)})" if len(seeds) > 1 else ""))
+                       if seeds else "–")
         lines.append(f"| {staleness} | {' | '.join(row)} |")
-    lines += ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
-              "| variant | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
-    for variant in variants:
+    # the two tables against lag 0, where lag 0 and a stale kind both ran
+    against_lag0 = len(kinds) > 1 and kinds[0] == "lag0"
+    if against_lag0:
+        lines += ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
+                  "| variant | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
+    for variant in variants if against_lag0 else ():
         row = []
         for staleness in kinds[1:]:
             x, y = final.get((variant, "lag0"), {}), final.get((variant, staleness), {})
@@ -110,7 +114,7 @@ def summarise(runs, evals, steps) -> str:
     # a pair's difference at a stale kind less its difference at lag 0, seed by seed: what staleness does to the
     # pair (EXPERIMENTS.md's C3); pairs that are one cell at lag 0 have that in the table of differences already
     moved = [(a, b) for a, b in pairs if AT_LAG0.get(a, a) != AT_LAG0.get(b, b)]
-    if moved and len(kinds) > 1 and kinds[0] == "lag0":
+    if moved and against_lag0:
         lines += ["", "What staleness does to a pair, (a − b at the stale kind) − (a − b at lag 0) (points), paired "
                   "by seed:", "", "| pair | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
         for a, b in moved:
