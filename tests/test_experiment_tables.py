@@ -20,6 +20,14 @@ def chain_shaped_grid():
     return runs, evals, steps
 
 
+def subset(grid, keep):
+    """The runs, evals and steps of the cells whose run `keep` accepts."""
+    runs, evals, steps = grid
+    runs = [r for r in runs if keep(r)]
+    kept = {r["cell"] for r in runs}
+    return runs, [e for e in evals if e["cell"] in kept], [s for s in steps if s["cell"] in kept]
+
+
 def test_chain_tables_hold_its_evaluation_steps_variants_and_kinds_with_hand_computed_intervals():
     text = summarise(*chain_shaped_grid())
     header = text.splitlines()[0]
@@ -53,13 +61,7 @@ def test_chain_tables_hold_its_evaluation_steps_variants_and_kinds_with_hand_com
 
 
 def test_lag0_stand_in_clause_only_where_a_stand_in_ran():
-    runs, evals, steps = chain_shaped_grid()
-    only = {"ppo", "stable-pess"}
-    runs = [r for r in runs if r["objective"] in only]
-    kept = {r["cell"] for r in runs}
-    evals = [e for e in evals if e["cell"] in kept]
-    steps = [s for s in steps if s["cell"] in kept]
-    text = summarise(runs, evals, steps)
+    text = summarise(*subset(chain_shaped_grid(), lambda r: r["objective"] in ("ppo", "stable-pess")))
     assert "over the seeds both cells ran]:" in text and "at lag 0, " not in text
     assert ("ran]; at lag 0, decoupled-ppo is ppo's cell, stable-pess-parent is stable-pess's cell:"
             in summarise(*chain_shaped_grid()))
@@ -68,10 +70,7 @@ def test_lag0_stand_in_clause_only_where_a_stand_in_ran():
 def test_without_lag0_no_table_against_it_and_one_seed_is_said_once():
     """A grid that has run only lag32 cells, seed 0 (the chain grid's first cells): no loss-to-staleness table
     (it would have no columns), and a one-seed difference reads "(one seed)" without "(n=1)"."""
-    runs, evals, steps = chain_shaped_grid()
-    runs = [r for r in runs if r["staleness"] == "lag32" and r["seed"] == 0]
-    kept = {r["cell"] for r in runs}
-    text = summarise(runs, [e for e in evals if e["cell"] in kept], [s for s in steps if s["cell"] in kept])
+    text = summarise(*subset(chain_shaped_grid(), lambda r: r["staleness"] == "lag32" and r["seed"] == 0))
     assert "Loss to staleness" not in text and "What staleness does" not in text
     lag32 = next(line for line in text.splitlines() if line.startswith("| lag32 |"))
     # seed 0: stable-pess − ppo 32 − 30, parent − stable-pess 38 − 32, decoupled-ppo − ppo 20 − 30, parent − ppo 38 − 30

@@ -99,34 +99,38 @@ def summarise(runs, evals, steps) -> str:
             row.append((interval([x[s] - y[s] for s in seeds]) + (f" (n={len(seeds)})" if len(seeds) > 1 else ""))
                        if seeds else "–")
         lines.append(f"| {staleness} | {' | '.join(row)} |")
-    # the two tables against lag 0, where lag 0 and a stale kind both ran
-    against_lag0 = len(kinds) > 1 and kinds[0] == "lag0"
-    if against_lag0:
-        lines += ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
-                  "| variant | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
-    for variant in variants if against_lag0 else ():
+    if len(kinds) > 1 and kinds[0] == "lag0":  # the two tables against lag 0, where it and a stale kind ran
+        lines += against_lag0(variants, pairs, kinds[1:], final)
+    return "\n".join(lines) + "\n"
+
+
+def against_lag0(variants, pairs, stale_kinds, final) -> list[str]:
+    """Each variant's loss to staleness, and what staleness does to a pair: (a − b at the stale kind) − (a − b
+    at lag 0), seed by seed (EXPERIMENTS.md's C3). A pair that is one cell at lag 0 has the latter in the table
+    of differences already, so it is left out."""
+    lines = ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
+             "| variant | " + " | ".join(stale_kinds) + " |", "|---|" + "---:|" * len(stale_kinds)]
+    for variant in variants:
         row = []
-        for staleness in kinds[1:]:
+        for staleness in stale_kinds:
             x, y = final.get((variant, "lag0"), {}), final.get((variant, staleness), {})
             seeds = sorted(set(x) & set(y))
             row.append(interval([x[s] - y[s] for s in seeds]) if seeds else "–")
         lines.append(f"| {variant} | {' | '.join(row)} |")
-    # a pair's difference at a stale kind less its difference at lag 0, seed by seed: what staleness does to the
-    # pair (EXPERIMENTS.md's C3); pairs that are one cell at lag 0 have that in the table of differences already
     moved = [(a, b) for a, b in pairs if AT_LAG0.get(a, a) != AT_LAG0.get(b, b)]
-    if moved and against_lag0:
+    if moved:
         lines += ["", "What staleness does to a pair, (a − b at the stale kind) − (a − b at lag 0) (points), paired "
-                  "by seed:", "", "| pair | " + " | ".join(kinds[1:]) + " |", "|---|" + "---:|" * len(kinds[1:])]
-        for a, b in moved:
-            row = []
-            for staleness in kinds[1:]:
-                a_stale, b_stale = final.get((a, staleness), {}), final.get((b, staleness), {})
-                a_fresh, b_fresh = final.get((a, "lag0"), {}), final.get((b, "lag0"), {})
-                seeds = sorted(set(a_stale) & set(b_stale) & set(a_fresh) & set(b_fresh))
-                row.append(interval([(a_stale[s] - b_stale[s]) - (a_fresh[s] - b_fresh[s]) for s in seeds])
-                           if seeds else "–")
-            lines.append(f"| {a} − {b} | {' | '.join(row)} |")
-    return "\n".join(lines) + "\n"
+                  "by seed:", "", "| pair | " + " | ".join(stale_kinds) + " |", "|---|" + "---:|" * len(stale_kinds)]
+    for a, b in moved:
+        row = []
+        for staleness in stale_kinds:
+            a_stale, b_stale = final.get((a, staleness), {}), final.get((b, staleness), {})
+            a_fresh, b_fresh = final.get((a, "lag0"), {}), final.get((b, "lag0"), {})
+            seeds = sorted(set(a_stale) & set(b_stale) & set(a_fresh) & set(b_fresh))
+            row.append(interval([(a_stale[s] - b_stale[s]) - (a_fresh[s] - b_fresh[s]) for s in seeds])
+                       if seeds else "–")
+        lines.append(f"| {a} − {b} | {' | '.join(row)} |")
+    return lines
 
 
 def regime_rows(groups) -> list[dict]:
