@@ -1,6 +1,7 @@
 """The frontier tables script (pipeline/experiments/frontier.py) on a chain-shaped grid: four variants, lag0 and
 lag32, evaluations at 0, 32 and 64 steps. Its paired intervals are checked against a hand computation."""
-from roll.pipeline.experiments.frontier import DIAGNOSTICS, summarise
+from roll.pipeline.experiments.experiment import write_csvs
+from roll.pipeline.experiments.frontier import DIAGNOSTICS, earlier_cells, summarise
 
 # final pass@1 (fraction) per (variant, staleness) and seed; the lag-0 equals of ppo and stable-pess are not run
 FINALS = {("ppo", "lag0"): (0.40, 0.44, 0.42), ("stable-pess", "lag0"): (0.41, 0.45, 0.43),
@@ -75,3 +76,20 @@ def test_without_lag0_no_table_against_it_and_one_seed_is_said_once():
     lag32 = next(line for line in text.splitlines() if line.startswith("| lag32 |"))
     # seed 0: stable-pess − ppo 32 − 30, parent − stable-pess 38 − 32, decoupled-ppo − ppo 20 − 30, parent − ppo 38 − 30
     assert lag32 == "| lag32 | +2.0 (one seed) | +6.0 (one seed) | -10.0 (one seed) | +8.0 (one seed) |"
+
+
+def test_earlier_tables_name_each_step_by_its_cells_variant(tmp_path):
+    """Committed steps.csv files written before the fix held the loss's name in `objective` (stable-pess for a
+    stable-pess-parent cell); read back as earlier cells, every step row carries its cell's variant."""
+    runs, evals, steps = subset(chain_shaped_grid(), lambda r: r["staleness"] == "lag32" and r["seed"] == 0)
+    variant = {r["cell"]: r["objective"] for r in runs}
+    loss = {"stable-pess-parent": "stable-pess"}
+    old_steps = [{**s, "objective": loss.get(variant[s["cell"]], variant[s["cell"]])} for s in steps]
+    write_csvs(tmp_path, {"evals.csv": [{**e, "objective": variant[e["cell"]], "staleness": "lag32", "seed": 0}
+                                        for e in evals],
+                          "steps.csv": old_steps,
+                          "regimes.csv": [{"cell": cell, "variant": v, "policy_version": 0} for cell, v in variant.items()]})
+    _, _, read_steps, _ = earlier_cells(tmp_path, fresh=set())
+    assert len(read_steps) == len(steps) and {s["objective"] for s in old_steps} == {"ppo", "stable-pess", "decoupled-ppo"}
+    assert [s["objective"] for s in read_steps] == [variant[s["cell"]] for s in read_steps]
+    assert "stable-pess-parent" in {s["objective"] for s in read_steps}

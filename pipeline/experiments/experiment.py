@@ -78,7 +78,10 @@ def collect(grid: Path):
         con = Run(path).connect(tables={"evals", "steps", "groups", "rollouts"})
         rows = relation_arrow(con.sql(EVALS)).to_pylist()
         evals += [{**cell, **row} for row in rows]
-        steps += [{**cell, **row} for row in relation_arrow(con.sql("SELECT * FROM steps ORDER BY global_step")).to_pylist()]
+        # the steps table's own objective column names the loss (stable-pess for stable-pess-parent, oapl for
+        # oapl-shift); the tables name the variant, as evals and groups do
+        steps += [{**cell, **row, "objective": cell["objective"]}
+                  for row in relation_arrow(con.sql("SELECT * FROM steps ORDER BY global_step")).to_pylist()]
         group_table = relation_arrow(con.sql("SELECT * FROM groups ORDER BY policy_version, data_version, prompt_id"))
         for name in ("cell", "objective", "staleness"):
             group_table = group_table.append_column(name, pa.array([cell[name]] * group_table.num_rows))

@@ -210,6 +210,9 @@ def earlier_cells(directory: Path, fresh: set[str]):
 
     evals, steps, regimes = read("evals.csv"), read("steps.csv"), read("regimes.csv")
     runs = {row["cell"]: {key: row[key] for key in ("cell", "objective", "staleness", "seed")} for row in evals}
+    # steps tables written before collect() named the variant there held the loss's name (stable-pess for
+    # stable-pess-parent): the variant is the cell's
+    steps = [{**row, "objective": runs[row["cell"]]["objective"]} for row in steps]
     return list(runs.values()), evals, steps, regimes
 
 
