@@ -94,14 +94,20 @@ def summarise(runs, evals, steps) -> str:
             if staleness == "lag0" and AT_LAG0.get(a, a) == AT_LAG0.get(b, b):
                 row.append("0 (the same cell)")
                 continue
-            x, y = final.get((a, staleness), {}), final.get((b, staleness), {})
-            seeds = sorted(set(x) & set(y))
-            row.append((interval([x[s] - y[s] for s in seeds]) + (f" (n={len(seeds)})" if len(seeds) > 1 else ""))
-                       if seeds else "–")
+            text, n = paired(final, [(a, staleness), (b, staleness)], lambda x, y: x - y)
+            row.append(text + (f" (n={n})" if n > 1 else ""))
         lines.append(f"| {staleness} | {' | '.join(row)} |")
     if len(kinds) > 1 and kinds[0] == "lag0":  # the two tables against lag 0, where it and a stale kind ran
         lines += against_lag0(variants, pairs, kinds[1:], final)
     return "\n".join(lines) + "\n"
+
+
+def paired(final, keys, combine) -> tuple[str, int]:
+    """mean [95 % t-interval] of combine(…) of the final pass@1 of the cells `keys` ((variant, staleness) each),
+    seed by seed over the seeds all of them ran ("–" where none), and how many seeds that is."""
+    series = [final.get(key, {}) for key in keys]
+    seeds = sorted(set.intersection(*(set(values) for values in series)))
+    return (interval([combine(*(values[s] for values in series)) for s in seeds]) if seeds else "–"), len(seeds)
 
 
 def against_lag0(variants, pairs, stale_kinds, final) -> list[str]:
@@ -111,24 +117,17 @@ def against_lag0(variants, pairs, stale_kinds, final) -> list[str]:
     lines = ["", "Loss to staleness, final pass@1 at lag 0 − at the stale kind (points), paired by seed:", "",
              "| variant | " + " | ".join(stale_kinds) + " |", "|---|" + "---:|" * len(stale_kinds)]
     for variant in variants:
-        row = []
-        for staleness in stale_kinds:
-            x, y = final.get((variant, "lag0"), {}), final.get((variant, staleness), {})
-            seeds = sorted(set(x) & set(y))
-            row.append(interval([x[s] - y[s] for s in seeds]) if seeds else "–")
+        row = [paired(final, [(variant, "lag0"), (variant, staleness)], lambda x, y: x - y)[0]
+               for staleness in stale_kinds]
         lines.append(f"| {variant} | {' | '.join(row)} |")
     moved = [(a, b) for a, b in pairs if AT_LAG0.get(a, a) != AT_LAG0.get(b, b)]
     if moved:
         lines += ["", "What staleness does to a pair, (a − b at the stale kind) − (a − b at lag 0) (points), paired "
                   "by seed:", "", "| pair | " + " | ".join(stale_kinds) + " |", "|---|" + "---:|" * len(stale_kinds)]
     for a, b in moved:
-        row = []
-        for staleness in stale_kinds:
-            a_stale, b_stale = final.get((a, staleness), {}), final.get((b, staleness), {})
-            a_fresh, b_fresh = final.get((a, "lag0"), {}), final.get((b, "lag0"), {})
-            seeds = sorted(set(a_stale) & set(b_stale) & set(a_fresh) & set(b_fresh))
-            row.append(interval([(a_stale[s] - b_stale[s]) - (a_fresh[s] - b_fresh[s]) for s in seeds])
-                       if seeds else "–")
+        row = [paired(final, [(a, staleness), (b, staleness), (a, "lag0"), (b, "lag0")],
+                      lambda a_stale, b_stale, a_fresh, b_fresh: (a_stale - b_stale) - (a_fresh - b_fresh))[0]
+               for staleness in stale_kinds]
         lines.append(f"| {a} − {b} | {' | '.join(row)} |")
     return lines
 
